@@ -1,0 +1,89 @@
+"""Small building blocks shared by every architecture: RMSNorm, SwiGLU, rotary embedding, short causal conv."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """y = W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class CausalDepthwiseConv1d(nn.Module):
+    """Per-channel causal convolution over time (width 4 in HOPE/Titans, spec 1.1). Input (B, T, C).
+
+    With `doc_start` (B, T) bool, taps never reach across a document start (each document is convolved
+    as if it started the sequence), so packed documents do not leak into each other.
+    """
+
+    def __init__(self, channels: int, width: int = 4):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.zeros(channels, width))
+        with torch.no_grad():
+            self.weight[:, -1] = 1.0  # identity at init: tap on the current token
+
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        if self.width == 1:
+            return x * self.weight[:, 0]
+        T = x.shape[1]
+        xp = F.pad(x, (0, 0, self.width - 1, 0))  # (B, T + w - 1, C)
+        taps = xp.unfold(1, self.width, 1)  # (B, T, C, w); tap j looks back w - 1 - j tokens
+        if doc_start is not None:
+            # position of the current document's start for each token; a tap looking back `lag` tokens
+            # is valid only if t - lag >= that start
+            pos = torch.arange(T, device=x.device)
+            start = torch.cummax(torch.where(doc_start, pos, torch.zeros_like(pos)), dim=1).values
+            lags = torch.arange(self.width - 1, -1, -1, device=x.device)
+            valid = (pos[None, :, None] - lags[None, None, :]) >= start[:, :, None]  # (B, T, w)
+            taps = taps * valid[:, :, None, :].to(x.dtype)
+        return (taps * self.weight).sum(-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, T, D). positions: (B, T) token positions (restart at document starts), default 0..T-1."""
+        T = x.shape[-2]
+        if positions is None:
+            cos, sin = self.cos[:T], self.sin[:T]
+        else:
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+
+def positions_from_doc_start(doc_start: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool document starts -> (B, T) position of each token inside its document."""
+    T = doc_start.shape[1]
+    pos = torch.arange(T, device=doc_start.device).expand_as(doc_start)
+    start = torch.cummax(torch.where(doc_start, pos, torch.zeros_like(pos)), dim=1).values
+    return pos - start
