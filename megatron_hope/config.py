@@ -62,9 +62,22 @@ class CMSConfig:
                 raise ConfigError(f"{path}.levels[{i}].period = {lvl.period} must be >= 1 optimizer steps")
             if lvl.inner_chunk < 0:
                 raise ConfigError(f"{path}.levels[{i}].inner_chunk = {lvl.inner_chunk} must be >= 0")
+        if self.inner_lr < 0:
+            raise ConfigError(f"{path}.inner_lr = {self.inner_lr} must be >= 0")
         if self.inner_updates and not any(lvl.inner_chunk > 0 for lvl in self.levels):
             raise ConfigError(f"{path}.inner_updates = true but every level has inner_chunk = 0; "
                               "set inner_chunk > 0 on the levels that should adapt in-sequence")
+        # the sequence is processed in chunks of the smallest inner_chunk; a level can only step at chunk ends
+        step = self.inner_chunk
+        for i, lvl in enumerate(self.levels):
+            if lvl.inner_chunk and lvl.inner_chunk % step:
+                raise ConfigError(f"{path}.levels[{i}].inner_chunk = {lvl.inner_chunk} is not a multiple of the "
+                                  f"smallest inner_chunk {step}; levels step at ends of {step}-token chunks")
+
+    @property
+    def inner_chunk(self) -> int:
+        """Chunk length of the in-sequence update loop: the smallest non-zero inner_chunk (0 if none)."""
+        return min((lvl.inner_chunk for lvl in self.levels if lvl.inner_chunk > 0), default=0)
 
 
 @dataclass
@@ -99,8 +112,13 @@ class ModelConfig:
             raise ConfigError(f"{path}: head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
         if self.conv_width < 1:
             raise ConfigError(f"{path}.conv_width = {self.conv_width} must be >= 1 (1 = no mixing)")
+        if self.init_std <= 0:
+            raise ConfigError(f"{path}.init_std = {self.init_std} must be > 0")
         self.memory.validate(f"{path}.memory")
         self.cms.validate(f"{path}.cms")
+        if self.cms.inner_updates and self.arch != "hope":
+            raise ConfigError(f"{path}.cms.inner_updates = true needs {path}.arch = 'hope' "
+                              f"(arch {self.arch!r} has no CMS); set it to false")
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""Closed-form parameter counts and analytic FLOPs per token, from the config alone (no model is built).
+
+`python -m megatron_hope.model.summary --config configs/hope_1b3.toml [--seq-len N] [--model.a=b ...]` prints
+them as `key: value` lines. FLOPs count matmuls only, 2*m*n*k each, as torch.utils.flop_counter does; causal
+attention counts the full T x T score and value products (the usual MFU convention). Training is 3x forward
+(backward = grads w.r.t. inputs and weights); the extra per-chunk backward passes of in-sequence CMS updates
+are not counted.
+"""
+from __future__ import annotations
+
+import argparse
+
+from megatron_hope.config import ModelConfig, load
+from megatron_hope.model.titans import mixer_forward_flops, mixer_parameter_count
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters per part: embedding, mixer (attention for Transformer++), ffn or cms.level{l}, norms, head, total.
+
+    A CMS level's count includes its own pre-norm (the whole level is one unit for the trainer); `norms` holds the
+    blocks' other pre-norms and the final norm; `head` is 0 when tied to the embedding."""
+    d, L = cfg.d_model, cfg.n_layers
+    parts = {"embedding": cfg.vocab_size * d}
+    if cfg.arch == "transformerpp":
+        parts["mixer"] = L * 4 * d * d
+    else:
+        parts["mixer"] = L * mixer_parameter_count(cfg, self_modifying=cfg.arch == "hope")
+    if cfg.arch == "hope":
+        for l, lvl in enumerate(cfg.cms.levels):
+            parts[f"cms.level{l}"] = L * (3 * d * lvl.hidden + d)
+        parts["norms"] = L * d + d
+    else:
+        parts["ffn"] = L * 3 * d * cfg.ffn_hidden
+        parts["norms"] = 2 * L * d + d
+    parts["head"] = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of the whole LM on sequences of `seq_len` tokens."""
+    d = cfg.d_model
+    if cfg.arch == "transformerpp":
+        mixer = 2 * 4 * d * d + 2 * 2 * seq_len * d  # q, k, v, o projections; scores Q K^T and weights @ V
+    else:
+        mixer = mixer_forward_flops(cfg, seq_len, self_modifying=cfg.arch == "hope")
+    if cfg.arch == "hope":
+        mlp = sum(2 * 3 * d * lvl.hidden for lvl in cfg.cms.levels)
+    else:
+        mlp = 2 * 3 * d * cfg.ffn_hidden
+    return cfg.n_layers * (mixer + mlp) + 2 * d * cfg.vocab_size
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward matmul FLOPs per token (3x forward): the numerator of MFU."""
+    return 3 * forward_flops_per_token(cfg, seq_len)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="TOML preset, e.g. configs/hope_1b3.toml")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default max_seq_len)")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load(args.config, overrides).model
+    seq_len = args.seq_len or cfg.max_seq_len
+    print(f"arch: {cfg.arch}")
+    for part, n in count_parameters(cfg).items():
+        print(f"params_{part}: {n}")
+    print(f"seq_len: {seq_len}")
+    print(f"forward_flops_per_token: {forward_flops_per_token(cfg, seq_len):.6g}")
+    print(f"training_flops_per_token: {training_flops_per_token(cfg, seq_len):.6g}")
+
+
+if __name__ == "__main__":
+    main()
