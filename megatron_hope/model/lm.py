@@ -18,8 +18,9 @@ IGNORE_INDEX = -100  # targets with this value carry no loss (e.g. padding)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32; `targets` are already shifted (targets[t] is the token after t)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+    """Next-token cross-entropy in fp32 (or wider); `targets` are already shifted (targets[t] follows token t)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction=reduction)
 
 
@@ -73,8 +74,9 @@ class HopeLM(nn.Module):
 
         The sequence runs in chunks of the smallest inner_chunk C, carrying the mixer states. Every sequence of
         the batch has its own fast weights for the adapting levels, starting from the meta-learned ones. After
-        the chunk ending at position e, the gradient of the chunk's summed next-token loss w.r.t. the current
-        fast weights is added to each level's sum; a level whose inner_chunk divides e then steps
+        the chunk ending at position e, the gradient of the chunk's summed next-token loss w.r.t. the fast weights
+        as read in that chunk (mixer states carried in from earlier chunks count as constants) is added to each
+        level's sum; a level whose inner_chunk divides e then steps
         theta <- theta - inner_lr * sum (its weights were frozen over its own inner_chunk tokens, so the sum is
         spec 1.4's sum over them). The step is detached: the outer gradient reaches the meta-learned weights
         through the reads only. A document start (only allowed at multiples of C) restores the meta-learned
@@ -112,17 +114,19 @@ class HopeLM(nn.Module):
                 if not outer:
                     fast = {key: {n: w.detach().requires_grad_() for n, w in ws.items()} for key, ws in fast.items()}
                     states = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, states)
+                # this chunk's reads: the inner gradient flows through them only (carried states are constants)
+                read = {key: {n: w.view_as(w) for n, w in ws.items()} for key, ws in fast.items()}
                 x = self.embed(tokens[:, s:e])
                 for i, block in enumerate(self.blocks):
-                    x, states[i] = block(x, doc, states[i], {l: fast[(i, l)] for l in period})
+                    x, states[i] = block(x, doc, states[i], {l: read[(i, l)] for l in period})
                 logits = self.head(self.norm(x))
                 chunk_loss = lm_loss(logits, targets[:, s:e], reduction="sum")
                 all_logits.append(logits if outer else logits.detach())
                 loss_sum = loss_sum + (chunk_loss if outer else chunk_loss.detach())
                 if e == T:
                     break
-                flat = [(key, n) for key in keys for n in fast[key]]
-                grads = torch.autograd.grad(chunk_loss, [fast[key][n] for key, n in flat], retain_graph=outer)
+                flat = [(key, n) for key in keys for n in read[key]]
+                grads = torch.autograd.grad(chunk_loss, [read[key][n] for key, n in flat], retain_graph=outer)
                 for (key, n), g in zip(flat, grads):
                     grad_sum[key][n] = grad_sum[key][n] + g
                 for key in keys:

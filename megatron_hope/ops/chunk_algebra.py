@@ -53,7 +53,7 @@ class ChunkGates:
 
 @dataclass
 class ChunkCoefficients:
-    first_seg: Tensor  # (..., L) bool: token's segment starts from the carried state (else from W_0)
+    first_seg: Tensor | None  # (..., L) bool: token's segment starts from the carried state (else W_0); None: all do
     g: Tensor  # (..., L) decay of the segment's initial state through t
     gp: Tensor  # (..., L) ... through t-1
     G: Tensor  # (..., L, L) prod_{j=s+1..t} alpha_j for s <= t in one segment
@@ -84,6 +84,7 @@ class ChunkCoefficients:
         start = torch.cummax(torch.where(reset, pos.expand_as(seg), torch.zeros_like(seg)), dim=-1).values
         base = torch.gather(Lc_prev, -1, start)
         base = torch.where(first_seg, torch.zeros_like(base), base)
+        stored_first = first_seg if gates.reset is not None else None
         g = (Lc - base).exp()
         gp = (Lc_prev - base).exp()
         diff = Lc[..., :, None] - Lc[..., None, :]
@@ -92,7 +93,7 @@ class ChunkCoefficients:
 
         if gates.log_beta is None:
             Dm, Dmp = G * eta[..., None, :], Gp * eta[..., None, :]
-            return ChunkCoefficients(first_seg, g, gp, G, Gp, Dm, Dmp, None, None, 1.0, None, None, eta)
+            return ChunkCoefficients(stored_first, g, gp, G, Gp, Dm, Dmp, None, None, 1.0, None, None, eta)
 
         lb = gates.log_beta
         Lb = torch.cumsum(lb, dim=-1)
@@ -110,7 +111,7 @@ class ChunkCoefficients:
             cp = (Gp @ b[..., None])[..., 0]
             Dm, Dmp = (G @ Bm) * eta[..., None, :], (Gp @ Bm) * eta[..., None, :]
             sigma, mom_row = 1.0, -Bm[..., -1, :] * eta
-        return ChunkCoefficients(first_seg, g, gp, G, Gp, Dm, Dmp, c, cp, sigma, b[..., -1], mom_row, eta)
+        return ChunkCoefficients(stored_first, g, gp, G, Gp, Dm, Dmp, c, cp, sigma, b[..., -1], mom_row, eta)
 
     def detached(self) -> "ChunkCoefficients":
         """Stop-grad writes: the update terms carry no gradient; the decay of the initial state still does."""
@@ -142,7 +143,7 @@ class MatrixWrite:
         X = None
         if dgd:
             KK = K @ K.transpose(-1, -2)  # (..., L, L): kappa_t . kappa_s
-            R = coef.gp[..., None] * _select_init(coef, _bmv(W_c, K), _bmv(W_0, K))
+            R = coef.gp[..., None] * _select_init(coef, W_c, W_0, K)
             if S_c is not None:
                 R = R + coef.sigma * coef.cp[..., None] * _bmv(S_c, K)
             R = R - (KK * coef.Dmp) @ E
@@ -155,7 +156,7 @@ class MatrixWrite:
     def read(self, Z: Tensor, readout: str) -> Tensor:
         """W_t z_t for each token (after_write), W_{t-1} z_t (before_write) or W_init z_t (chunk_start)."""
         c = self.coef
-        init = _select_init(c, _bmv(self.W_c, Z), _bmv(self.W_0, Z))
+        init = _select_init(c, self.W_c, self.W_0, Z)
         if readout == "chunk_start":
             return init
         after = readout == "after_write"
@@ -171,8 +172,8 @@ class MatrixWrite:
     def final(self) -> tuple[Tensor, Tensor | None]:
         """State (and momentum) after the chunk's last token."""
         c = self.coef
-        last_first = c.first_seg[..., -1, None, None]
-        W = c.g[..., -1, None, None] * torch.where(last_first, self.W_c, self.W_0)
+        last_first = None if c.first_seg is None else c.first_seg[..., -1, None, None]
+        W = c.g[..., -1, None, None] * (self.W_c if c.first_seg is None else torch.where(last_first, self.W_c, self.W_0))
         W = W - self.E.transpose(-1, -2) @ (c.Dm[..., -1, :, None] * self.K)
         if self.X is not None:
             W = W - self.X.transpose(-1, -2) @ ((c.G[..., -1, :] * c.eta)[..., None] * self.K)
@@ -183,5 +184,9 @@ class MatrixWrite:
         return W, S
 
 
-def _select_init(c: ChunkCoefficients, from_carried: Tensor, from_init: Tensor) -> Tensor:
-    return torch.where(c.first_seg[..., None], from_carried, from_init)
+def _select_init(c: ChunkCoefficients, W_c: Tensor, W_0: Tensor, Z: Tensor) -> Tensor:
+    """W_init(t) z_t: the carried state, or the init for tokens after a document start in this chunk."""
+    from_carried = _bmv(W_c, Z)
+    if c.first_seg is None:
+        return from_carried
+    return torch.where(c.first_seg[..., None], from_carried, _bmv(W_0, Z))

@@ -212,7 +212,7 @@ def chunk_update_chunked(state: State, init: State, gates: ChunkGates, k: Tensor
     if not opts.differentiable:
         coef = coef.detached()
     factors = _errors({n: state[n] for n in init}, k, v, opts)
-    if gates.reset is not None:  # tokens after a document start take their gradient at the init
+    if coef.first_seg is not None:  # tokens after a document start take their gradient at the init
         at_init = _errors(init, k, v, opts)
         use_init = ~coef.first_seg[..., None]
         factors = {n: tuple(torch.where(use_init, fi, fc) for fc, fi in zip(factors[n], at_init[n]))

@@ -1,0 +1,130 @@
+"""Token mixers built on neural memories: the self-modifying Titans mixer of HOPE and the Titans baseline.
+
+Both take (B, T, d) and return (B, T, d) plus the memory state, which a later call (the next sequence
+shard, or the next chunk when streaming) continues from. They hold no pre-norm and no residual.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron_hope.config import ModelConfig
+from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm
+from megatron_hope.ops.memory import MemoryOptions, State, memory_scan
+from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
+
+MixerState = State
+
+
+def memory_options(cfg: ModelConfig, self_modifying: bool) -> MemoryOptions:
+    m = cfg.memory
+    if not self_modifying:  # Titans: plain GD with momentum and decay, targets v_t (Titans section 3)
+        return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form="titans", readout=m.readout,
+                             dgd="none", self_target=False, activation=m.activation,
+                             differentiable=m.differentiable_writes)
+    return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form=m.momentum_form, readout=m.readout,
+                         dgd="first" if m.kind == "linear" else m.dgd, self_target=True, activation=m.activation,
+                         differentiable=m.differentiable_writes)
+
+
+def _memory_init(kind: str, n_heads: int, n_mem: int, w: int, m: int) -> nn.ParameterDict:
+    """Meta-learned initial states M_0, one per head and memory. The MLP memory z + A s(B z) starts near the
+    identity map; the linear memory starts at the identity."""
+    if kind == "linear":
+        return nn.ParameterDict({"W": nn.Parameter(torch.eye(w).expand(n_heads, n_mem, w, w).clone())})
+    return nn.ParameterDict({
+        "A": nn.Parameter(torch.randn(n_heads, n_mem, w, m) * (0.5 / math.sqrt(m))),
+        "B": nn.Parameter(torch.randn(n_heads, n_mem, m, w) / math.sqrt(w)),
+    })
+
+
+class _MixerBase(nn.Module):
+    """Shared projections: input projection + short causal conv, per-head output norm, gate, output projection."""
+
+    def __init__(self, cfg: ModelConfig, n_streams: int):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_streams = n_streams
+        self.in_proj = nn.Linear(d, n_streams * d, bias=False)
+        self.conv = CausalDepthwiseConv1d(n_streams * d, cfg.conv_width)
+        self.out_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.gate = nn.Linear(d, d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+
+    def streams(self, x: Tensor, doc_start: Tensor | None) -> list[Tensor]:
+        """Project, convolve and split into per-head streams, each (B, H, T, w)."""
+        B, T, _ = x.shape
+        u = F.silu(self.conv(self.in_proj(x), doc_start))
+        u = u.view(B, T, self.n_streams, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return list(u.unbind(0))
+
+    def output(self, o: Tensor, x: Tensor) -> Tensor:
+        """o: (B, H, T, w) memory read-outs -> out_proj(sigmoid(gate(x)) * norm(o))."""
+        B, H, T, w = o.shape
+        o = self.out_norm(o).transpose(1, 2).reshape(B, T, H * w)
+        return self.out_proj(torch.sigmoid(self.gate(x)) * o)
+
+
+class SelfModifyingTitans(_MixerBase):
+    """HOPE's mixer: generator memories M_k, M_v, M_eta, M_alpha (and M_q when adaptive) and the main memory,
+    all per head, all trained in-context on their own self-generated targets (hope_spec.md 1.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        n_gen = 5 if cfg.memory.adaptive_q else 4
+        super().__init__(cfg, n_streams=4)  # q (or M_q's input), k-input, v-input, eta/alpha-input
+        H, w = cfg.n_heads, cfg.head_dim
+        m = cfg.memory.hidden_mult * w
+        self.n_gen = n_gen
+        self.opts = memory_options(cfg, self_modifying=True)
+        self.gen_init = _memory_init(cfg.memory.kind, H, n_gen, w, m)
+        self.mem_init = _memory_init(cfg.memory.kind, H, 1, w, m)
+        self.beta_proj = nn.Linear(cfg.d_model, H)
+        nn.init.constant_(self.beta_proj.bias, 2.0)  # momentum decay starts near 0.88
+        self.eta_readout = nn.Parameter(torch.randn(H, w) / math.sqrt(w))
+        self.eta_bias = nn.Parameter(torch.full((H,), -2.0))
+        self.alpha_readout = nn.Parameter(torch.randn(H, w) / math.sqrt(w))
+        self.alpha_bias = nn.Parameter(torch.full((H,), cfg.memory.alpha_bias_init))
+
+    def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
+                ) -> tuple[Tensor, MixerState]:
+        q_in, k_in, v_in, g_in = self.streams(x, doc_start)
+        gens = [k_in, v_in, g_in, g_in] + ([q_in] if self.cfg.memory.adaptive_q else [])
+        readouts = GateReadouts(self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias,
+                                self.cfg.memory.eta_max)
+        log_beta = F.logsigmoid(self.beta_proj(x)).transpose(1, 2)
+        o, state = self_modifying_scan(
+            torch.stack(gens, dim=2), None if self.cfg.memory.adaptive_q else q_in, log_beta,
+            dict(self.gen_init), dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
+            state=state, impl=self.cfg.memory.impl)
+        return self.output(o, x), state
+
+
+class TitansMixer(_MixerBase):
+    """Titans baseline (Behrouz et al., arXiv 2501.00663): static q/k/v projections, one memory per head
+    trained with momentum and decay on targets v_t, gradients at the chunk start."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, n_streams=3)
+        H, w = cfg.n_heads, cfg.head_dim
+        self.opts = memory_options(cfg, self_modifying=False)
+        self.mem_init = _memory_init(cfg.memory.kind, H, 1, w, cfg.memory.hidden_mult * w)
+        self.gate_proj = nn.Linear(cfg.d_model, 3 * H)  # eta, alpha, beta per head
+        with torch.no_grad():
+            self.gate_proj.bias.copy_(torch.tensor([-2.0, cfg.memory.alpha_bias_init, 2.0]).repeat_interleave(H))
+
+    def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
+                ) -> tuple[Tensor, MixerState]:
+        q, k, v = self.streams(x, doc_start)
+        eta_pre, alpha_pre, beta_pre = self.gate_proj(x).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
+        init = {n: t[:, 0] for n, t in self.mem_init.items()}
+        o, state = memory_scan(
+            init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
+            F.logsigmoid(alpha_pre), F.logsigmoid(beta_pre), doc_start[:, None].expand_as(eta_pre)
+            if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts, state=state,
+            impl=self.cfg.memory.impl)
+        return self.output(o, x), state
