@@ -11,7 +11,21 @@ from __future__ import annotations
 import argparse
 
 from megatron_hope.config import ModelConfig, load
-from megatron_hope.model.titans import mixer_forward_flops, mixer_parameter_count
+from megatron_hope.model.titans import mixer_forward_flops
+
+
+def mixer_parameters(cfg: ModelConfig, self_modifying: bool) -> int:
+    """Parameters of one memory mixer (model/titans.py): input projection to q/k/v(/gate) streams and their conv,
+    per-head output norm, gate and output projection, the meta-learned initial memories, and the gate maps."""
+    d, H, w = cfg.d_model, cfg.n_heads, cfg.head_dim
+    memory = w * w if cfg.memory.kind == "linear" else 2 * w * cfg.memory.hidden_mult * w  # one head's memory
+    n_streams = 4 if self_modifying else 3
+    shared = n_streams * d * d + n_streams * d * cfg.conv_width + w + 2 * d * d
+    if not self_modifying:  # one memory per head; eta, alpha, beta from a linear map of x
+        return shared + H * memory + 3 * H * (d + 1)
+    n_memories = (5 if cfg.memory.adaptive_q else 4) + 1  # generators M_k, M_v, M_eta, M_alpha (M_q) + M_mem
+    # beta from a linear map of x; eta and alpha read out of their memories' outputs (weight + bias per head)
+    return shared + H * n_memories * memory + H * (d + 1) + 2 * H * (w + 1)
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -24,7 +38,7 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     if cfg.arch == "transformerpp":
         parts["mixer"] = L * 4 * d * d
     else:
-        parts["mixer"] = L * mixer_parameter_count(cfg, self_modifying=cfg.arch == "hope")
+        parts["mixer"] = L * mixer_parameters(cfg, self_modifying=cfg.arch == "hope")
     if cfg.arch == "hope":
         for l, lvl in enumerate(cfg.cms.levels):
             parts[f"cms.level{l}"] = L * (3 * d * lvl.hidden + d)

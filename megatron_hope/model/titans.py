@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from megatron_hope.config import ModelConfig
 from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm
+from megatron_hope.ops import flops
 from megatron_hope.ops.memory import MemoryOptions, State, memory_scan
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
 
@@ -83,8 +84,9 @@ class SelfModifyingTitans(_MixerBase):
         self.opts = memory_options(cfg, self_modifying=True)
         self.gen_init = _memory_init(cfg.memory.kind, H, n_gen, w, m)
         self.mem_init = _memory_init(cfg.memory.kind, H, 1, w, m)
-        self.beta_proj = nn.Linear(cfg.d_model, H)
-        nn.init.constant_(self.beta_proj.bias, 2.0)  # momentum decay starts near 0.88
+        self.beta_proj = nn.Linear(cfg.d_model, H) if cfg.memory.momentum else None
+        if self.beta_proj is not None:
+            nn.init.constant_(self.beta_proj.bias, 2.0)  # momentum decay starts near 0.88
         self.eta_readout = nn.Parameter(torch.randn(H, w) / math.sqrt(w))
         self.eta_bias = nn.Parameter(torch.full((H,), -2.0))
         self.alpha_readout = nn.Parameter(torch.randn(H, w) / math.sqrt(w))
@@ -96,7 +98,7 @@ class SelfModifyingTitans(_MixerBase):
         gens = [k_in, v_in, g_in, g_in] + ([q_in] if self.cfg.memory.adaptive_q else [])
         readouts = GateReadouts(self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias,
                                 self.cfg.memory.eta_max)
-        log_beta = F.logsigmoid(self.beta_proj(x)).transpose(1, 2)
+        log_beta = F.logsigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
         o, state = self_modifying_scan(
             torch.stack(gens, dim=2), None if self.cfg.memory.adaptive_q else q_in, log_beta,
             dict(self.gen_init), dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
@@ -113,18 +115,37 @@ class TitansMixer(_MixerBase):
         H, w = cfg.n_heads, cfg.head_dim
         self.opts = memory_options(cfg, self_modifying=False)
         self.mem_init = _memory_init(cfg.memory.kind, H, 1, w, cfg.memory.hidden_mult * w)
-        self.gate_proj = nn.Linear(cfg.d_model, 3 * H)  # eta, alpha, beta per head
+        n_gates = 3 if cfg.memory.momentum else 2
+        self.gate_proj = nn.Linear(cfg.d_model, n_gates * H)  # eta, alpha (and beta) per head
         with torch.no_grad():
-            self.gate_proj.bias.copy_(torch.tensor([-2.0, cfg.memory.alpha_bias_init, 2.0]).repeat_interleave(H))
+            bias = torch.tensor([-2.0, cfg.memory.alpha_bias_init, 2.0][:n_gates])
+            self.gate_proj.bias.copy_(bias.repeat_interleave(H))
 
     def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
                 ) -> tuple[Tensor, MixerState]:
         q, k, v = self.streams(x, doc_start)
-        eta_pre, alpha_pre, beta_pre = self.gate_proj(x).transpose(1, 2).chunk(3, dim=1)  # (B, H, T) each
+        gates = self.gate_proj(x).transpose(1, 2).unflatten(1, (-1, self.n_heads)).unbind(1)  # (B, H, T) each
+        eta_pre, alpha_pre = gates[:2]
+        log_beta = F.logsigmoid(gates[2]) if len(gates) == 3 else None
         init = {n: t[:, 0] for n, t in self.mem_init.items()}
         o, state = memory_scan(
             init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
-            F.logsigmoid(alpha_pre), F.logsigmoid(beta_pre), doc_start[:, None].expand_as(eta_pre)
+            F.logsigmoid(alpha_pre), log_beta, doc_start[:, None].expand_as(eta_pre)
             if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts, state=state,
             impl=self.cfg.memory.impl)
         return self.output(o, x), state
+
+
+def mixer_forward_flops(cfg: ModelConfig, seq_len: int, self_modifying: bool) -> float:
+    """Forward matmul FLOPs per token of one mixer: projections plus the inner loop (ops/flops.py)."""
+    d, H, w = cfg.d_model, cfg.n_heads, cfg.head_dim
+    m = cfg.memory.hidden_mult * w
+    L = min(cfg.memory.chunk_size, seq_len)
+    opts = memory_options(cfg, self_modifying)
+    if self_modifying:
+        n_gen = 5 if cfg.memory.adaptive_q else 4
+        proj = 2 * d * 4 * d + (2 * d * H if cfg.memory.momentum else 0) + 2 * 2 * d * d  # in, beta, gate, out
+        return proj + H * flops.self_modifying_flops(opts, w, m, L, n_gen)
+    n_gates = 3 if cfg.memory.momentum else 2
+    proj = 2 * d * 3 * d + 2 * d * n_gates * H + 2 * 2 * d * d  # in_proj, gate_proj, gate, out_proj
+    return proj + H * flops.titans_flops(opts, w, m, L)
