@@ -5,15 +5,17 @@ import logging
 
 
 class IssueLog:
-    """Counts skipped or repaired input by kind (e.g. "empty_document"); warns once per kind."""
+    """Counts skipped or repaired input by kind (e.g. "empty_document"); warns once per kind
+    (never when `logger` is None: for a pass whose issues are reported by another)."""
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger | None) -> None:
         self.logger = logger
         self.counts: dict[str, int] = {}
 
     def add(self, kind: str, message: str, n: int = 1) -> None:
         if kind not in self.counts:
-            self.logger.warning("%s [%s; further cases are only counted]", message, kind)
+            if self.logger is not None:
+                self.logger.warning("%s [%s; further cases are only counted]", message, kind)
             self.counts[kind] = 0
         self.counts[kind] += n
 

@@ -68,7 +68,6 @@ class _ValRule:
 
     def __init__(self, fraction: float, seed: int, documents: Iterable[str]) -> None:
         self.threshold = int(fraction * 2**64)
-        self.seed = seed
         hashes = (split_hash(doc, seed) for doc in documents)
         self.total, self.val, self.fallback, smallest = 0, 0, -1, 2**64
         for i, h in enumerate(hashes):
@@ -142,7 +141,6 @@ class _SplitWriter:
     """A webdataset ShardWriter for one split that records per-shard counts and sha256."""
 
     def __init__(self, out: Path, split: str, shard_tokens: int, itemsize: int) -> None:
-        self.out = out
         self.shards: list[ShardInfo] = []
         self.documents = self.tokens = 0  # in the shard being written
         self.writer = wds.ShardWriter(str(out / f"{split}-%06d.tar"), maxcount=2**62,
@@ -179,14 +177,13 @@ def _clear_output(out: Path, overwrite: bool) -> None:
 def prepare(cfg: PrepareConfig) -> Manifest:
     cfg.validate()
     files = list_input_files(cfg.inputs)
-    tokenizer = Tokenizer(cfg.tokenizer_dir)
-    card = tokenizer.card
+    card = Tokenizer(cfg.tokenizer_dir).card  # loading checks the model against its card
     dtype = token_dtype(card.vocab_size)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_output(out, cfg.overwrite)
 
-    rule = _ValRule(cfg.val_fraction, cfg.split_seed, iter_documents(files, IssueLog(log), cfg.text_field))
+    rule = _ValRule(cfg.val_fraction, cfg.split_seed, iter_documents(files, IssueLog(None), cfg.text_field))
     if rule.total - rule.val < 1:
         raise DataPipelineError(f"found {rule.total} document(s), all of them for validation; "
                                 "add documents or lower --val-fraction")

@@ -62,7 +62,9 @@ def read_shard(path: Path, info: ShardInfo, itemsize: int, options: ReadOptions,
         return
 
     def on_error(exn: Exception) -> bool:
-        issues.add("corrupt_tar", f"shard {path} is truncated or corrupt ({exn}); using its readable samples")
+        # webdataset appends context to exn.args (and " @ <stream repr>" to the first one); keep the message
+        reason = str(exn.args[0]).split(" @ <")[0] if exn.args else type(exn).__name__
+        issues.add("corrupt_tar", f"shard {path} is truncated or corrupt ({reason}); using its readable samples")
         return True  # keep going with what is readable
 
     source = [{"url": str(path), "stream": io.BytesIO(data)}]

@@ -31,6 +31,7 @@ CARD_FILE = "card.json"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # 256 byte pieces + the 4 special tokens must fit into the vocabulary.
 MIN_VOCAB = 256 + 4 + 1
+MAX_LINE_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+        """One thread: parallelism comes from prepare's worker processes (more threads oversubscribe)."""
+        return self.sp.encode(texts, num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
@@ -104,9 +106,14 @@ def _sha256_files(files: Sequence[Path]) -> str:
 
 
 def _lines(documents: Iterator[str]) -> Iterator[str]:
-    """sentencepiece trains on lines ("sentences"); blank lines carry nothing."""
+    """sentencepiece trains on lines ("sentences") and skips those over 4192 bytes, so long lines are
+    cut at whitespace into pieces of at most MAX_LINE_CHARS (<= 4 UTF-8 bytes each); blank lines carry nothing."""
     for doc in documents:
         for line in doc.splitlines():
+            while len(line) > MAX_LINE_CHARS:
+                cut = line.rfind(" ", 0, MAX_LINE_CHARS) + 1 or MAX_LINE_CHARS
+                yield line[:cut]
+                line = line[cut:]
             if line.strip():
                 yield line
 
