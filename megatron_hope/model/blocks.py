@@ -9,6 +9,7 @@ from megatron_hope.config import ModelConfig
 from megatron_hope.model.attention import CausalSelfAttention
 from megatron_hope.model.cms import ContinuumMemory, FastWeights
 from megatron_hope.model.layers import RMSNorm, SwiGLU
+from megatron_hope.model.titans import MixerState, SelfModifyingTitans, TitansMixer
 
 
 class HopeBlock(nn.Module):
@@ -16,14 +17,13 @@ class HopeBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from megatron_hope.model.titans import SelfModifyingTitans
-
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = SelfModifyingTitans(cfg)
         self.cms = ContinuumMemory(cfg)
 
-    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None, state=None,
-                cms_weights: dict[int, FastWeights] | None = None):
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None, state: MixerState | None = None,
+                cms_weights: dict[int, FastWeights] | None = None) -> tuple[torch.Tensor, MixerState]:
+        """cms_weights: per-sequence fast weights of the CMS levels that adapt in-sequence (see cms.py)."""
         o, state = self.mixer(self.mixer_norm(x), doc_start, state)
         return self.cms(x + o, cms_weights), state
 
@@ -33,14 +33,13 @@ class TitansBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from megatron_hope.model.titans import TitansMixer
-
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = TitansMixer(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None, state=None):
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None, state: MixerState | None = None
+                ) -> tuple[torch.Tensor, MixerState]:
         o, state = self.mixer(self.mixer_norm(x), doc_start, state)
         x = x + o
         return x + self.mlp(self.mlp_norm(x)), state
@@ -56,7 +55,8 @@ class TransformerPPBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None, state=None):
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None, state: None = None
+                ) -> tuple[torch.Tensor, None]:
         x = x + self.attn(self.attn_norm(x), doc_start)
         return x + self.mlp(self.mlp_norm(x)), None
 

@@ -46,7 +46,8 @@ def test_cms_level_checks(tmp_path):
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_load(name):
     cfg = load(str(CONFIGS / name)).model
-    assert name.split("_")[0] == cfg.arch
+    arch = name.split("_")[0]
+    assert arch == cfg.arch or arch not in ("hope", "titans", "transformerpp")  # model presets: {arch}_{size}
 
 
 def test_inner_chunk_is_smallest_active(tiny):

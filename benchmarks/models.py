@@ -1,0 +1,135 @@
+"""Training-step throughput (forward + backward + AdamW) of HOPE, Titans and Transformer++ at equal parameter
+count (~10M), side by side in one run; and, when titans-pytorch is installed, HOPE's memory layer against its
+NeuralMemory at equal dimensions.
+
+    python -m benchmarks.models [--seq-len 512 --batch 4 --reps 5 --threads N --device cpu]
+
+Prints `key: value` lines: medians of --reps timed steps after two warm-up steps, the models taking turns. The
+three shapes share width, depth, heads and vocabulary; HOPE's CMS level width and the baselines' FFN width are
+solved for equal parameter counts.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from benchmarks.common import emit, sync
+from megatron_hope.config import CMSConfig, CMSLevel, MemoryConfig, ModelConfig
+from megatron_hope.model.lm import HopeLM
+from megatron_hope.model.summary import count_parameters
+from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer
+
+SHAPE = dict(vocab_size=8192, d_model=256, n_layers=10, n_heads=8, tie_embeddings=True)
+TRANSFORMERPP_FFN = 704  # ~8/3 d, a multiple of 64: the reference parameter count
+
+
+def _solve_width(make, target: int, step: int = 16) -> ModelConfig:
+    """The config whose width (multiple of `step`) brings the parameter count closest to `target`."""
+    return min((make(h) for h in range(step, 16 * SHAPE["d_model"], step)),
+               key=lambda cfg: abs(count_parameters(cfg)["total"] - target))
+
+
+def equal_size_configs(seq_len: int, chunk: int) -> dict[str, ModelConfig]:
+    memory = MemoryConfig(chunk_size=chunk)
+    tpp = ModelConfig(arch="transformerpp", max_seq_len=seq_len, ffn_hidden=TRANSFORMERPP_FFN, **SHAPE)
+    target = count_parameters(tpp)["total"]
+    hope = _solve_width(lambda h: ModelConfig(arch="hope", max_seq_len=seq_len, memory=memory, **SHAPE, cms=CMSConfig(
+        levels=[CMSLevel(hidden=h, period=p) for p in (1, 4, 16)])), target)
+    titans = _solve_width(lambda h: ModelConfig(arch="titans", max_seq_len=seq_len, memory=memory, ffn_hidden=h,
+                                                **SHAPE), target)
+    return {"hope": hope, "titans": titans, "transformerpp": tpp}
+
+
+def train_step(cfg: ModelConfig, batch: int, seq_len: int, device: torch.device) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) of a freshly initialised model on a fixed random batch."""
+    torch.manual_seed(0)
+    model = HopeLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
+
+    def step() -> None:
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def interleaved_median_seconds(steps: dict[str, Callable[[], None]], reps: int, device: torch.device
+                               ) -> dict[str, float]:
+    """Median step time of each model; the models take turns, so load from other processes hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(reps + 2):  # the first two rounds warm up
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if rep >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compare_with_titans_pytorch(cfg: ModelConfig, batch: int, seq_len: int, reps: int, device: torch.device) -> None:
+    """Forward + backward of one memory layer on the same input: HOPE's self-modifying Titans mixer (and our Titans
+    baseline mixer) against titans-pytorch's NeuralMemory (per-head 2-layer MLP memory, same heads, head width,
+    hidden width and chunk)."""
+    try:
+        from titans_pytorch import NeuralMemory
+    except ImportError as e:
+        emit("titans_pytorch", f"skipped: not importable ({e}); `pip install titans-pytorch` to compare")
+        return
+    d, H, w = cfg.d_model, cfg.n_heads, cfg.head_dim
+    theirs = NeuralMemory(dim=d, heads=H, dim_head=w, chunk_size=cfg.memory.chunk_size,
+                          default_model_kwargs=dict(depth=2, expansion_factor=float(cfg.memory.hidden_mult)))
+    layers = {"hope_memory_layer": SelfModifyingTitans(cfg), "titans_memory_layer": TitansMixer(cfg),
+              "titans_pytorch_neural_memory": theirs}
+    layers = {name: layer.to(device) for name, layer in layers.items()}
+    x = torch.randn(batch, seq_len, d, device=device, requires_grad=True)
+    steps = {name: (lambda layer=layer: layer(x)[0].sum().backward()) for name, layer in layers.items()}
+    seconds = interleaved_median_seconds(steps, reps, device)
+    for name, layer in layers.items():
+        emit(f"{name}_params", sum(p.numel() for p in layer.parameters()))
+        emit(f"{name}_fwd_bwd_tokens_per_s", batch * seq_len / seconds[name])
+    emit("hope_vs_titans_pytorch_ratio", seconds["titans_pytorch_neural_memory"] / seconds["hope_memory_layer"])
+    emit("titans_vs_titans_pytorch_ratio", seconds["titans_pytorch_neural_memory"] / seconds["titans_memory_layer"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--chunk", type=int, default=64, help="memory chunk size of HOPE and Titans")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    emit("device", device.type if device.type == "cpu" else torch.cuda.get_device_name(device))
+    emit("threads", torch.get_num_threads())
+    emit("batch", args.batch)
+    emit("seq_len", args.seq_len)
+    configs = equal_size_configs(args.seq_len, args.chunk)
+    for arch, cfg in configs.items():
+        emit(f"{arch}_params", count_parameters(cfg)["total"])
+        width = ("cms_level_hidden", cfg.cms.levels[0].hidden) if arch == "hope" else ("ffn_hidden", cfg.ffn_hidden)
+        emit(f"{arch}_{width[0]}", width[1])
+    steps = {arch: train_step(cfg, args.batch, args.seq_len, device) for arch, cfg in configs.items()}
+    seconds = interleaved_median_seconds(steps, args.reps, device)
+    tokens_per_s = {arch: args.batch * args.seq_len / s for arch, s in seconds.items()}
+    for arch, value in tokens_per_s.items():
+        emit(f"{arch}_train_tokens_per_s", value)
+    emit("hope_vs_transformerpp_tokens_per_s_ratio", tokens_per_s["hope"] / tokens_per_s["transformerpp"])
+    emit("titans_vs_transformerpp_tokens_per_s_ratio", tokens_per_s["titans"] / tokens_per_s["transformerpp"])
+    compare_with_titans_pytorch(configs["hope"], args.batch, args.seq_len, args.reps, device)
+
+
+if __name__ == "__main__":
+    main()
