@@ -153,6 +153,14 @@ class MatrixWrite:
                 X = X.detach()
         return MatrixWrite(coef, W_c, W_0, S_c, K, E, X)
 
+    def select_memory(self, index: int) -> "MatrixWrite":
+        """The writes of one memory of a stack (memory dim at -3 of states, keys and errors; the shared
+        coefficients and broadcast keys have size 1 there)."""
+        def pick(t: Tensor | None) -> Tensor | None:
+            return t if t is None or t.shape[-3] == 1 else t.narrow(-3, index % t.shape[-3], 1)
+        return MatrixWrite(self.coef, pick(self.W_c), pick(self.W_0), pick(self.S_c), pick(self.K), pick(self.E),
+                           pick(self.X))
+
     def read(self, Z: Tensor, readout: str) -> Tensor:
         """W_t z_t for each token (after_write), W_{t-1} z_t (before_write) or W_init z_t (chunk_start)."""
         c = self.coef

@@ -60,8 +60,9 @@ def read_flops(opts: MemoryOptions, w: int, m: int, L: int) -> float:
 def self_modifying_flops(opts: MemoryOptions, w: int, m: int, L: int, n_gen: int) -> float:
     """Inner loop of the self-modifying Titans mixer, per token and head."""
     gen_reads = n_gen * apply_flops(opts, w, m) + 2 * 2 * w  # generator outputs + eta/alpha readouts
-    return (gen_reads + coefficient_flops(L, opts) + update_flops(opts, w, m, L, n_gen)
-            + update_flops(opts, w, m, L, 1) + read_flops(opts, w, m, L))
+    # the generators and the main memory are updated as one stack; only the main memory is read
+    return (gen_reads + coefficient_flops(L, opts) + update_flops(opts, w, m, L, n_gen + 1)
+            + read_flops(opts, w, m, L))
 
 
 def titans_flops(opts: MemoryOptions, w: int, m: int, L: int) -> float:

@@ -171,8 +171,10 @@ def _stop_grad_states(states: list[State], points: list[State], gates: ChunkGate
 
 
 def chunk_update_sequential(state: State, init: State, gates: ChunkGates, k: Tensor, v: Tensor,
-                            q: Tensor | None, opts: MemoryOptions) -> tuple[State, Tensor | None]:
-    """One chunk, token by token (the oracle). k, v, q: (..., L, d); gates (..., L)."""
+                            q: Tensor | None, opts: MemoryOptions, read_memory: int | None = None
+                            ) -> tuple[State, Tensor | None]:
+    """One chunk, token by token (the oracle). k, v, q: (..., L, d); gates (..., L). With `read_memory`, the
+    states carry a memory dim at -3 and only that memory is read (q then has size 1 there)."""
     if opts.differentiable:
         points, befores, afters = _token_states(state, init, gates, k, v, opts)
     else:
@@ -186,6 +188,8 @@ def chunk_update_sequential(state: State, init: State, gates: ChunkGates, k: Ten
     if q is not None:
         src = {"after_write": afters, "before_write": befores, "chunk_start": points}[opts.readout]
         reads = torch.stack([apply_memory(src[t], q[..., t, None, :], opts)[..., 0, :] for t in range(len(src))], -2)
+        if read_memory is not None:
+            reads = reads.narrow(-3, read_memory % reads.shape[-3], 1)
     return afters[-1], reads
 
 
@@ -206,8 +210,10 @@ def _errors(P: State, k: Tensor, v: Tensor, opts: MemoryOptions) -> dict[str, tu
 
 
 def chunk_update_chunked(state: State, init: State, gates: ChunkGates, k: Tensor, v: Tensor,
-                         q: Tensor | None, opts: MemoryOptions) -> tuple[State, Tensor | None]:
-    """One chunk in dual form: errors at the chunk-start point, then triangular solves and masked matmuls."""
+                         q: Tensor | None, opts: MemoryOptions, read_memory: int | None = None
+                         ) -> tuple[State, Tensor | None]:
+    """One chunk in dual form: errors at the chunk-start point, then triangular solves and masked matmuls.
+    With `read_memory`, the states carry a memory dim at -3 and only that memory is read."""
     coef = gates.coefficients
     if not opts.differentiable:
         coef = coef.detached()
@@ -230,6 +236,8 @@ def chunk_update_chunked(state: State, init: State, gates: ChunkGates, k: Tensor
             new["S_" + n] = s
     if q is None:
         return new, None
+    if read_memory is not None:
+        writes = {n: w.select_memory(read_memory) for n, w in writes.items()}
     if opts.kind == "linear":
         return new, writes["W"].read(q, opts.readout)
     hq = _act(opts)(writes["B"].read(q, opts.readout))

@@ -19,10 +19,6 @@ from megatron_hope.ops.chunk_algebra import ChunkGates
 from megatron_hope.ops.memory import (MemoryOptions, State, apply_memory, chunk_update_chunked,
                                       chunk_update_sequential, initial_state, state_dtype)
 
-GEN = "gen."
-MEM = "mem."
-
-
 @dataclass
 class GateReadouts:
     """Fixed linear readouts turning the eta/alpha memories' w-dim outputs into one scalar per head (spec 1.2)."""
@@ -32,10 +28,6 @@ class GateReadouts:
     alpha_weight: Tensor  # (H, w)
     alpha_bias: Tensor  # (H,)
     eta_max: float
-
-
-def _split(state: State, prefix: str) -> State:
-    return {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
 
 
 def _read_at_chunk_start(state: State, init: State, x: Tensor, reset: Tensor | None, opts: MemoryOptions) -> Tensor:
@@ -56,24 +48,25 @@ def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor |
     gen_inputs: (B, H, G, T, w), the static projections feeding the generators in the order k, v, eta, alpha
     (then q when q is adaptive, in which case `q` is None); q: (B, H, T, w) static queries (L2-normalised
     here); log_beta: (B, H, T) momentum decay; gen_init / mem_init: init states with leading dims (H, G) and
-    (H, 1); doc_start: (B, T) bool. Returns the main memory's read-outs (B, H, T, w) and the final state.
+    (H, 1); doc_start: (B, T) bool. Returns the main memory's read-outs (B, H, T, w) and the final state,
+    whose memory dim (at -3) holds the G generators, then the main memory.
     """
     dtype, sd = gen_inputs.dtype, state_dtype(gen_inputs.dtype)
     gen_inputs = gen_inputs.to(sd)
     B, H, G, T, _ = gen_inputs.shape
-    gen_init = {n: t.to(sd) for n, t in gen_init.items()}
-    mem_init = {n: t.to(sd) for n, t in mem_init.items()}
+    # one stack of G generators + the main memory (last): every memory is updated in the same ops
+    init = {n: torch.cat([gen_init[n], mem_init[n]], dim=1).to(sd) for n in gen_init}
     if state is None:
-        state = {GEN + n: t for n, t in initial_state(gen_init, torch.Size((B, H, G)), opts).items()}
-        state.update({MEM + n: t for n, t in initial_state(mem_init, torch.Size((B, H, 1)), opts).items()})
-    gen_state, mem_state = _split(state, GEN), _split(state, MEM)
+        state = initial_state(init, torch.Size((B, H, G + 1)), opts)
     step = chunk_update_chunked if impl == "chunked" else chunk_update_sequential
     resets = doc_start[:, None, :].expand(B, H, T) if doc_start is not None else None
     outs = []
     for s in range(0, T, chunk_size):
         sl = slice(s, min(s + chunk_size, T))
         reset = resets[..., sl] if resets is not None else None
-        gen = _read_at_chunk_start(gen_state, gen_init, gen_inputs[..., sl, :], reset, opts)  # (B, H, G, L, w)
+        gen_state = {n: t[:, :, :G] for n, t in state.items() if n in init}
+        gen = _read_at_chunk_start(gen_state, {n: t[:, :G] for n, t in init.items()}, gen_inputs[..., sl, :],
+                                   reset, opts)  # (B, H, G, L, w)
         k = F.normalize(gen[:, :, 0], dim=-1)
         v = gen[:, :, 1]
         eta = readouts.eta_max * torch.sigmoid(
@@ -84,10 +77,7 @@ def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor |
         gates = ChunkGates(eta[:, :, None], log_alpha[:, :, None],
                            log_beta[..., sl].to(sd)[:, :, None] if opts.momentum else None,
                            reset[:, :, None] if reset is not None else None, opts.momentum_form)
-        kk, vv = k[:, :, None], v[:, :, None]  # shared by every memory of the head
-        gen_state, _ = step(gen_state, gen_init, gates, kk, vv, None, opts)
-        mem_state, out = step(mem_state, mem_init, gates, kk, vv, q_chunk[:, :, None], opts)
+        # keys and values are shared by every memory of the head; only the main memory is read
+        state, out = step(state, init, gates, k[:, :, None], v[:, :, None], q_chunk[:, :, None], opts, read_memory=-1)
         outs.append(out[:, :, 0])
-    final = {GEN + n: t for n, t in gen_state.items()}
-    final.update({MEM + n: t for n, t in mem_state.items()})
-    return torch.cat(outs, dim=-2).to(dtype), final
+    return torch.cat(outs, dim=-2).to(dtype), state
