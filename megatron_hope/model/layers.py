@@ -12,6 +12,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -39,9 +42,13 @@ class CausalDepthwiseConv1d(nn.Module):
     def __init__(self, channels: int, width: int = 4):
         super().__init__()
         self.width = width
-        self.weight = nn.Parameter(torch.zeros(channels, width))
-        with torch.no_grad():
-            self.weight[:, -1] = 1.0  # identity at init: tap on the current token
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()
+        self.weight[:, -1] = 1.0  # identity at init: tap on the current token
 
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         if self.width == 1:
@@ -63,11 +70,19 @@ class CausalDepthwiseConv1d(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        t = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the tables, e.g. after a model built on the meta device is materialised."""
+        dev = self.cos.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=dev)
+                                         / self.head_dim))
+        freqs = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=dev), inv_freq)
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, H, T, D). positions: (B, T) token positions (restart at document starts), default 0..T-1."""

@@ -12,7 +12,7 @@ from megatron_hope.config import ModelConfig
 from megatron_hope.model.attention import CausalSelfAttention
 from megatron_hope.model.blocks import BLOCKS
 from megatron_hope.model.cms import CMSFastWeights
-from megatron_hope.model.layers import RMSNorm, SwiGLU
+from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm, RotaryEmbedding, SwiGLU
 from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (e.g. padding)
@@ -41,9 +41,17 @@ class HopeLM(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) for the embedding and every linear weight; the projections that write into the
         residual stream get init_std / sqrt(number of residual branches), as GPT-2/Megatron scale by
-        1/sqrt(2 n_layers) for two branches per layer (HOPE has 1 + n_levels). Biases, norms and the mixers'
-        memory initial states and gate maps keep the values their modules give them."""
+        1/sqrt(2 n_layers) for two branches per layer (HOPE has 1 + n_levels). Norms, convs, rotary tables and
+        the mixers' memory initial states and gate maps are reset by their modules, so a model built on the
+        meta device and materialised with `to_empty` initialises completely here."""
         cfg = self.cfg
+        if cfg.tie_embeddings:  # again here: materialising a meta-device model unties them
+            self.head.weight = self.embed.weight
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, CausalDepthwiseConv1d, RotaryEmbedding)):
+                module.reset_parameters()
+            elif isinstance(module, (SelfModifyingTitans, TitansMixer)):
+                module.reset_memory_parameters()
         branches_per_layer = 1 + (len(cfg.cms.levels) if cfg.arch == "hope" else 1)
         out_std = cfg.init_std / math.sqrt(branches_per_layer * cfg.n_layers)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)

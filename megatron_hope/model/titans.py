@@ -31,15 +31,24 @@ def memory_options(cfg: ModelConfig, self_modifying: bool) -> MemoryOptions:
                          differentiable=m.differentiable_writes)
 
 
-def _memory_init(kind: str, n_heads: int, n_mem: int, w: int, m: int) -> nn.ParameterDict:
-    """Meta-learned initial states M_0, one per head and memory. The MLP memory z + A s(B z) starts near the
-    identity map; the linear memory starts at the identity."""
-    if kind == "linear":
-        return nn.ParameterDict({"W": nn.Parameter(torch.eye(w).expand(n_heads, n_mem, w, w).clone())})
-    return nn.ParameterDict({
-        "A": nn.Parameter(torch.randn(n_heads, n_mem, w, m) * (0.5 / math.sqrt(m))),
-        "B": nn.Parameter(torch.randn(n_heads, n_mem, m, w) / math.sqrt(w)),
-    })
+def memory_init(kind: str, n_heads: int, n_mem: int, w: int, m: int) -> nn.ParameterDict:
+    """Meta-learned initial states M_0, one per head and memory (values set by `reset_memory_init`)."""
+    shapes = {"W": (w, w)} if kind == "linear" else {"A": (w, m), "B": (m, w)}
+    params = nn.ParameterDict({n: nn.Parameter(torch.empty(n_heads, n_mem, *shape)) for n, shape in shapes.items()})
+    reset_memory_init(params)
+    return params
+
+
+@torch.no_grad()
+def reset_memory_init(params: nn.ParameterDict) -> None:
+    """The MLP memory z + A s(B z) starts near the identity map; the linear memory starts at the identity."""
+    if "W" in params:
+        w = params["W"].shape[-1]
+        params["W"].copy_(torch.eye(w, device=params["W"].device).expand_as(params["W"]))
+        return
+    w, m = params["A"].shape[-2:]
+    params["A"].normal_(0.0, 0.5 / math.sqrt(m))
+    params["B"].normal_(0.0, 1.0 / math.sqrt(w))
 
 
 class _MixerBase(nn.Module):
@@ -82,15 +91,27 @@ class SelfModifyingTitans(_MixerBase):
         m = cfg.memory.hidden_mult * w
         self.n_gen = n_gen
         self.opts = memory_options(cfg, self_modifying=True)
-        self.gen_init = _memory_init(cfg.memory.kind, H, n_gen, w, m)
-        self.mem_init = _memory_init(cfg.memory.kind, H, 1, w, m)
+        self.gen_init = memory_init(cfg.memory.kind, H, n_gen, w, m)
+        self.mem_init = memory_init(cfg.memory.kind, H, 1, w, m)
         self.beta_proj = nn.Linear(cfg.d_model, H) if cfg.memory.momentum else None
+        self.eta_readout = nn.Parameter(torch.empty(H, w))
+        self.eta_bias = nn.Parameter(torch.empty(H))
+        self.alpha_readout = nn.Parameter(torch.empty(H, w))
+        self.alpha_bias = nn.Parameter(torch.empty(H))
+        self.reset_memory_parameters()
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        """Memory inits, gate readouts and biases (the linear weights are the LM's init_weights' job)."""
+        reset_memory_init(self.gen_init)
+        reset_memory_init(self.mem_init)
         if self.beta_proj is not None:
-            nn.init.constant_(self.beta_proj.bias, 2.0)  # momentum decay starts near 0.88
-        self.eta_readout = nn.Parameter(torch.randn(H, w) / math.sqrt(w))
-        self.eta_bias = nn.Parameter(torch.full((H,), -2.0))
-        self.alpha_readout = nn.Parameter(torch.randn(H, w) / math.sqrt(w))
-        self.alpha_bias = nn.Parameter(torch.full((H,), cfg.memory.alpha_bias_init))
+            self.beta_proj.bias.fill_(2.0)  # momentum decay starts near 0.88
+        w = self.head_dim
+        self.eta_readout.normal_(0.0, 1.0 / math.sqrt(w))
+        self.eta_bias.fill_(-2.0)
+        self.alpha_readout.normal_(0.0, 1.0 / math.sqrt(w))
+        self.alpha_bias.fill_(self.cfg.memory.alpha_bias_init)
 
     def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
                 ) -> tuple[Tensor, MixerState]:
@@ -114,12 +135,17 @@ class TitansMixer(_MixerBase):
         super().__init__(cfg, n_streams=3)
         H, w = cfg.n_heads, cfg.head_dim
         self.opts = memory_options(cfg, self_modifying=False)
-        self.mem_init = _memory_init(cfg.memory.kind, H, 1, w, cfg.memory.hidden_mult * w)
+        self.mem_init = memory_init(cfg.memory.kind, H, 1, w, cfg.memory.hidden_mult * w)
         n_gates = 3 if cfg.memory.momentum else 2
         self.gate_proj = nn.Linear(cfg.d_model, n_gates * H)  # eta, alpha (and beta) per head
-        with torch.no_grad():
-            bias = torch.tensor([-2.0, cfg.memory.alpha_bias_init, 2.0][:n_gates])
-            self.gate_proj.bias.copy_(bias.repeat_interleave(H))
+        self.reset_memory_parameters()
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        reset_memory_init(self.mem_init)
+        n_gates = self.gate_proj.out_features // self.n_heads
+        bias = torch.tensor([-2.0, self.cfg.memory.alpha_bias_init, 2.0][:n_gates], device=self.gate_proj.bias.device)
+        self.gate_proj.bias.copy_(bias.repeat_interleave(self.n_heads))
 
     def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
                 ) -> tuple[Tensor, MixerState]:

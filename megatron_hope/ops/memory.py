@@ -252,8 +252,15 @@ def memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tensor
     """Run the memory over a sequence. k, v, q: (..., T, d); gates and doc_start: (..., T).
 
     Returns the read-outs of q (input dtype) and the final state (fp32), which a later call (the next
-    sequence shard) can continue from.
+    sequence shard) can continue from. The whole inner loop runs in fp32, also under autocast.
     """
+    with torch.autocast(k.device.type, enabled=False):
+        return _memory_scan(init, k, v, q, eta, log_alpha, log_beta, doc_start, chunk_size, opts, state, impl)
+
+
+def _memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tensor, log_alpha: Tensor,
+                 log_beta: Tensor | None, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
+                 state: State | None, impl: str) -> tuple[Tensor | None, State]:
     dtype, sd = k.dtype, state_dtype(k.dtype)
     k, v = k.to(sd), v.to(sd)
     q = q.to(sd) if q is not None else None

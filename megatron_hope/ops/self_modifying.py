@@ -49,8 +49,16 @@ def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor |
     (then q when q is adaptive, in which case `q` is None); q: (B, H, T, w) static queries (L2-normalised
     here); log_beta: (B, H, T) momentum decay; gen_init / mem_init: init states with leading dims (H, G) and
     (H, 1); doc_start: (B, T) bool. Returns the main memory's read-outs (B, H, T, w) and the final state,
-    whose memory dim (at -3) holds the G generators, then the main memory.
+    whose memory dim (at -3) holds the G generators, then the main memory. The inner loop runs in fp32, also
+    under autocast (hope_spec.md 2.8: states and scans in fp32).
     """
+    with torch.autocast(gen_inputs.device.type, enabled=False):
+        return _scan(gen_inputs, q, log_beta, gen_init, mem_init, readouts, doc_start, chunk_size, opts, state, impl)
+
+
+def _scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, gen_init: State, mem_init: State,
+          readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
+          state: State | None, impl: str) -> tuple[Tensor, State]:
     dtype, sd = gen_inputs.dtype, state_dtype(gen_inputs.dtype)
     gen_inputs = gen_inputs.to(sd)
     B, H, G, T, _ = gen_inputs.shape

@@ -39,13 +39,7 @@ def test_forward_flops(build, tiny, arch):
     assert measured == pytest.approx(forward_flops_per_token(tiny(arch), T), rel=0.05)
 
 
-@pytest.mark.parametrize("arch", [
-    "titans", "transformerpp",
-    pytest.param("hope", marks=pytest.mark.xfail(strict=True, reason=(
-        "the self-modifying mixer's backward is ~1.7x its forward (inner-loop products with operands that need no "
-        "gradient), so 3x forward overstates HOPE's training FLOPs by ~9% on this preset; MFU keeps the 3x "
-        "convention until ops/flops.py counts the mixer's backward"))),
-])
+@pytest.mark.parametrize("arch", ["hope", "titans", "transformerpp"])
 def test_training_flops_are_three_times_forward(build, tiny, arch):
     model = build(arch, dtype=torch.float32)
     tokens = torch.randint(0, 512, (B, T))

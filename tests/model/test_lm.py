@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_hope.config import load
 from megatron_hope.model.cms import parameter_levels
+from megatron_hope.model.lm import HopeLM
 
 ARCHS = ("hope", "titans", "transformerpp")
 T = 64  # max_seq_len of the tiny presets; the memory chunk is 16
@@ -107,12 +109,14 @@ def test_init_scales(build, tiny, arch, branches):
     mlps = [lvl.mlp for lvl in block.cms.levels] if arch == "hope" else [block.mlp]
     for mlp in mlps:
         assert close(mlp.w_gate.weight, std) and close(mlp.w_up.weight, std) and close(mlp.w_down.weight, out_std)
-    # init_weights redraws exactly the embedding and the linear weights: norms, biases, memory inits stay
+    # init_weights redraws exactly the random parameters (embedding, linear weights, memory inits and gate
+    # readouts); constants (norms, conv identities, bias fills) come back to the same values
     before = {n: p.clone() for n, p in model.named_parameters()}
     model.init_weights()
     linear_weights = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]) != (n in linear_weights or n == "embed.weight"), n
+        random = n in linear_weights or n == "embed.weight" or "_init." in n or n.endswith("_readout")
+        assert torch.equal(p, before[n]) != random, n
 
 
 def test_hope_cms_parameters_are_tagged(build, tiny):
@@ -122,3 +126,25 @@ def test_hope_cms_parameters_are_tagged(build, tiny):
     expected = {f"blocks.{i}.cms.levels.{l}.{n}": l for i in range(cfg.n_layers) for l in range(len(cfg.cms.levels))
                 for n in ("norm.weight", "mlp.w_gate.weight", "mlp.w_up.weight", "mlp.w_down.weight")}
     assert levels == expected
+
+
+@pytest.mark.parametrize("arch", ["hope", "titans", "transformerpp"])
+def test_meta_device_build_initialises_completely(arch):
+    """Built on the meta device, materialised with to_empty and initialised by init_weights: deterministic
+    parameters and buffers equal those of an ordinary build, random ones have their init scale."""
+    cfg = load(f"configs/{arch}_tiny.toml").model
+    torch.manual_seed(0)
+    eager = HopeLM(cfg)
+    with torch.device("meta"):
+        meta = HopeLM(cfg)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(0)
+    meta.init_weights()
+    eager_state = dict(eager.named_parameters()) | dict(eager.named_buffers())
+    for name, t in list(meta.named_parameters()) + list(meta.named_buffers()):
+        ref = eager_state[name]
+        assert torch.isfinite(t).all(), name
+        if ref.numel() > 1 and ref.std() > 0 and not name.endswith("bias"):
+            assert 0.5 < (t.std() / ref.std()).item() < 2.0, name  # same init scale
+        else:
+            torch.testing.assert_close(t, ref, msg=name)  # constants: ones, identities, bias fills

@@ -49,4 +49,5 @@ def test_cuda_bf16_mixer_step():
     y.float().square().mean().backward()
     assert all(s.dtype == torch.float32 for s in state.values())
     assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in mixer.parameters())
-    assert ((y.float() - ref).abs().max() / ref.abs().max()) < 5e-2
+    # only the projections around the fp32 inner loop run in bf16
+    assert ((y.float() - ref).norm() / ref.norm()) < 3e-2

@@ -96,3 +96,16 @@ def test_flop_count_matches_profiler(name, kind, readout, dgd, momentum):
     counted = counter.get_total_flops() / (2 * 32)
     analytic = mixer_forward_flops(cfg, 32, self_modifying=name == "smt")
     assert abs(analytic - counted) / counted < 0.05, (analytic, counted)
+
+
+def test_inner_loop_stays_fp32_under_autocast():
+    """Under bf16 autocast only the projections run in bf16: the inner loop keeps fp32 states and matmuls."""
+    cfg = ModelConfig(d_model=32, n_heads=2, memory=MemoryConfig(chunk_size=8))
+    torch.manual_seed(0)
+    m = SelfModifyingTitans(cfg)
+    x = torch.randn(2, 24, 32)
+    ref, _ = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = m(x)
+    assert y.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in state.values())
+    assert ((y.float() - ref).norm() / ref.norm()) < 3e-2

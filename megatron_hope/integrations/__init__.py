@@ -1,0 +1,1 @@
+"""Bridges from megatron-hope's models to other training stacks (optional dependencies)."""
