@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from megatron_hope.config_base import ConfigError, load_config
@@ -122,13 +123,169 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Batch sizes follow Megatron: a step consumes global_batch_size sequences, in micro-batches of
+    micro_batch_size per data-parallel rank, accumulated over global / (micro * dp) micro-batches."""
+
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    global_batch_size: int = 8  # sequences per optimizer step, over all ranks and micro-batches
+    seq_len: int = 64  # tokens per sequence; at most model.max_seq_len
+    train_steps: int = 100  # optimizer steps
+    eval_interval: int = 0  # evaluate every N steps (0: only at the end)
+    eval_batches: int = 4  # validation batches of global_batch_size sequences per evaluation (0: no evaluation)
+    log_interval: int = 10  # steps between metric lines
+    seed: int = 0  # model initialisation (identical on every rank)
+    max_nan_steps: int = 3  # stop after this many consecutive steps with a NaN/Inf loss or gradient norm
+    run_name: str = ""  # "" = <config file stem>-<date>-<time>
+    runs_dir: str = "runs"
+    peak_flops: float = 0.0  # per device, for MFU; 0 = from the CUDA device name, or a nominal CPU figure
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per process when CUDA is available, else CPU
+
+    def validate(self, path: str = "train") -> None:
+        for name in ("micro_batch_size", "global_batch_size", "seq_len", "train_steps", "log_interval",
+                     "max_nan_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 1")
+        for name in ("eval_interval", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 0 (0 switches it off)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"{path}.global_batch_size = {self.global_batch_size} is not a multiple of "
+                              f"{path}.micro_batch_size = {self.micro_batch_size}")
+        if self.peak_flops < 0:
+            raise ConfigError(f"{path}.peak_flops = {self.peak_flops} must be >= 0 (0 = look it up)")
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(f"{path}.run_name = {self.run_name!r} must be a plain directory name")
+        if not self.runs_dir:
+            raise ConfigError(f"{path}.runs_dir is empty; give the directory that holds run directories")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warmup + decay learning-rate schedule (training/schedule.py)."""
+
+    lr: float = 3e-4  # peak learning rate, reached at the end of warmup
+    min_lr: float = 3e-5  # learning rate at the end of the decay
+    weight_decay: float = 0.1  # on matrices only; see training/optimizer.py for the no-decay rule
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient L2 norm (0: no clipping)
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the last fraction of train_steps decays linearly to min_lr
+
+    def validate(self, train_steps: int, path: str = "optim") -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{path}.lr = {self.lr} must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{path}.min_lr = {self.min_lr} must be in [0, {path}.lr = {self.lr}]")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{path}.weight_decay = {self.weight_decay} must be >= 0")
+        if len(self.betas) != 2:
+            raise ConfigError(f"{path}.betas = {list(self.betas)} must hold two numbers, e.g. [0.9, 0.95]")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"{path}.betas[{i}] = {beta} must be in [0, 1)")
+        if self.eps <= 0:
+            raise ConfigError(f"{path}.eps = {self.eps} must be > 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{path}.grad_clip = {self.grad_clip} must be >= 0 (0 switches clipping off)")
+        if not 0 <= self.warmup_steps <= train_steps:
+            raise ConfigError(f"{path}.warmup_steps = {self.warmup_steps} must be in [0, train.train_steps = "
+                              f"{train_steps}]; lower it or train longer")
+        if self.schedule == "wsd":
+            if not 0 < self.decay_fraction <= 1:
+                raise ConfigError(f"{path}.decay_fraction = {self.decay_fraction} must be in (0, 1]")
+            if self.warmup_steps + self.decay_steps(train_steps) > train_steps:
+                raise ConfigError(f"{path}.warmup_steps + decay_fraction * train.train_steps = {self.warmup_steps}"
+                                  f" + {self.decay_steps(train_steps)} exceeds train.train_steps = {train_steps}; "
+                                  f"lower {path}.decay_fraction or {path}.warmup_steps")
+
+    def decay_steps(self, train_steps: int) -> int:
+        """Length of the WSD decay phase in steps."""
+        return round(self.decay_fraction * train_steps)
+
+
+@dataclass
+class DataConfig:
+    """Prepared data (python -m data_pipeline.prepare): manifests of token shards and the tokenizer."""
+
+    train_manifest: str = ""  # manifest.json (or its directory) whose "train" split is trained on
+    val_manifest: str = ""  # manifest.json (or its directory) whose "val" split is evaluated
+    tokenizer_dir: str = ""  # the tokenizer the shards were made with (checked against the manifests)
+    num_workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
+    shuffle_buffer: int = 1024  # documents
+    seed: int = 0  # shard order and document shuffle
+
+    def validate(self, path: str = "data") -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers = {self.num_workers} must be >= 0")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"{path}.shuffle_buffer = {self.shuffle_buffer} must be >= 1 (1 = no shuffling)")
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel_size: int = 0  # 0: the world size (WORLD_SIZE); any other value must equal it
+    dp_engine: Literal["fsdp2"] = "fsdp2"
+    reshard_after_forward: bool = True  # FSDP2: free gathered block weights after forward (ZeRO-3)
+
+    def validate(self, path: str = "parallel") -> None:
+        if self.data_parallel_size < 0:
+            raise ConfigError(f"{path}.data_parallel_size = {self.data_parallel_size} must be >= 0 "
+                              "(0 = the number of processes)")
+
+
+@dataclass
 class Config:
     """Top-level run configuration; each section is one [table] of the TOML file."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
+        """Checks that hold for any use of the config (presets without data included)."""
         self.model.validate()
+        self.train.validate()
+        self.optim.validate(self.train.train_steps)
+        self.data.validate()
+        self.parallel.validate()
+
+    def grad_accum_steps(self, dp_size: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp_size)
+
+    def validate_run(self, world_size: int) -> None:
+        """Checks for a training run on `world_size` processes; fills in parallel.data_parallel_size.
+        Run before any process group starts, so that every rank fails alike with the same message."""
+        t, p = self.train, self.parallel
+        if p.data_parallel_size not in (0, world_size):
+            raise ConfigError(f"parallel.data_parallel_size = {p.data_parallel_size} but {world_size} process(es) "
+                              "were started; set it to 0 (derive it) or launch that many processes")
+        p.data_parallel_size = world_size
+        per_pass = t.micro_batch_size * world_size
+        if t.global_batch_size % per_pass:
+            raise ConfigError(f"train.global_batch_size = {t.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size x data_parallel_size = {t.micro_batch_size} x {world_size}"
+                              f" = {per_pass}; make it a multiple so that every rank accumulates whole "
+                              "micro-batches")
+        if t.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len};"
+                              " lower train.seq_len or raise model.max_seq_len")
+        if self.model.cms.inner_updates:
+            raise ConfigError("model.cms.inner_updates = true is not trainable yet: packed batches start documents "
+                              "at any position, while in-sequence CMS updates need starts at multiples of the "
+                              "inner chunk; set it to false")
+        for name in ("train_manifest", "tokenizer_dir") + (("val_manifest",) if t.eval_batches else ()):
+            value = getattr(self.data, name)
+            if not value:
+                raise ConfigError(f"data.{name} is empty; point it at the output of python -m data_pipeline."
+                                  f"{'tokenizer train' if name == 'tokenizer_dir' else 'prepare'}")
+            if not Path(value).exists():
+                raise ConfigError(f"data.{name} = {value!r} does not exist; check the path or build it with "
+                                  "launch/quickstart.sh / the data_pipeline commands")
 
 
 def load(path: str | None = None, overrides: list[str] | None = None) -> Config:

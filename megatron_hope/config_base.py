@@ -6,6 +6,7 @@ and coercing values to the annotated types; `apply_overrides` applies `--a.b=val
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -150,3 +151,41 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if validate is not None:
         validate()
     return cfg
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _emit_table(data: dict[str, Any], path: list[str], lines: list[str], array: bool = False) -> None:
+    if path:
+        name = ".".join(path)
+        lines += ["", f"[[{name}]]" if array else f"[{name}]"]
+    for key, value in data.items():
+        if not isinstance(value, dict) and not _is_table_array(value):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _emit_table(value, path + [key], lines)
+        elif _is_table_array(value):
+            for item in value:
+                _emit_table(item, path + [key], lines, array=True)
+
+
+def to_toml(cfg: Any) -> str:
+    """The config as TOML that load_config reads back to an equal config."""
+    lines: list[str] = []
+    _emit_table(to_dict(cfg), [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"

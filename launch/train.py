@@ -1,0 +1,167 @@
+"""Train a model: `python -m launch.train --config configs/X.toml [--section.field=value ...]`.
+
+Runs as one process, or as several under `torchrun --nproc_per_node=N` (FSDP2 data parallelism).
+The config is loaded and checked, data included, before any process group starts; a bad value stops every
+rank with one message naming the field. Rank 0 writes runs_dir/run_name/: config.toml (the resolved config),
+train.log, metrics.jsonl and tensorboard/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from data_pipeline.errors import DataPipelineError
+from launch.data import check_data, train_batches, val_batches
+from launch.env import ProcessEnv
+from megatron_hope.config import Config, load
+from megatron_hope.config_base import ConfigError, to_toml
+from megatron_hope.model.lm import HopeLM
+from megatron_hope.model.summary import count_parameters, training_flops_per_token
+from megatron_hope.parallel.data_parallel import apply_fsdp, init_dp_mesh
+from megatron_hope.training.loop import Trainer, TrainingError, TrainResult
+from megatron_hope.training.metrics import RunLogger, peak_flops
+from megatron_hope.training.optimizer import build_optimizer
+from megatron_hope.training.schedule import lr_lambda
+
+
+@dataclass(frozen=True)
+class Run:
+    """A checked run of this process: what to train, where its outputs go, where it computes."""
+
+    cfg: Config
+    run_dir: Path
+    env: ProcessEnv
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0],
+                                     epilog="Any other --section.field=value overrides the config file.")
+    parser.add_argument("--config", required=True, help="TOML file, e.g. configs/quickstart.toml")
+    args, overrides = parser.parse_known_args(argv)
+    return args.config, overrides
+
+
+def prepare(argv: list[str] | None, env: ProcessEnv) -> Run:
+    """Load and check everything the run needs; starts no process group and writes nothing."""
+    config_path, overrides = parse_args(argv)
+    cfg = load(config_path, overrides)
+    cfg.validate_run(env.world_size)
+    check_data(cfg)
+    device = env.device(cfg.train.device)
+    run_dir = run_directory(cfg, config_path)
+    cfg.train.run_name = run_dir.name  # the resolved config names its run
+    return Run(cfg, run_dir, env, device)
+
+
+def run_directory(cfg: Config, config_path: str) -> Path:
+    """runs_dir/run_name; without a name, <config stem>-<date>-<time>[-N], the first that is free."""
+    runs = Path(cfg.train.runs_dir)
+    if cfg.train.run_name:
+        if (runs / cfg.train.run_name).exists():
+            raise ConfigError(f"train.run_name: {runs / cfg.train.run_name} already exists; choose another name "
+                              "or remove it")
+        return runs / cfg.train.run_name
+    base = f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, n = runs / base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = runs / f"{base}-{n}"
+    return run_dir
+
+
+def start_process_group(run: Run) -> DeviceMesh | None:
+    """The data-parallel mesh for several ranks, or for CUDA (FSDP2 provides the bf16 mixed precision even on
+    one rank); None for a lone CPU process, which trains the plain model."""
+    if run.env.world_size == 1 and run.device.type == "cpu":
+        return None
+    return init_dp_mesh(run.env.rank, run.env.world_size, run.device)
+
+
+def build_model(run: Run, mesh: DeviceMesh | None) -> nn.Module:
+    """The model, initialised from train.seed (the same on every rank), sharded with FSDP2 over `mesh`, or
+    on this process's device without one."""
+    torch.manual_seed(run.cfg.train.seed)
+    model = HopeLM(run.cfg.model)
+    if mesh is not None:
+        return apply_fsdp(model, mesh, run.cfg.parallel.reshard_after_forward)
+    return model.to(run.device)
+
+
+def describe(run: Run, sharded: bool) -> list[str]:
+    cfg, world = run.cfg, run.env.world_size
+    t = cfg.train
+    n_params = count_parameters(cfg.model)["total"]
+    lines = [f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | {world} process(es) on "
+             f"{run.device.type}{' with FSDP2' if sharded else ''}",
+             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {world} x accumulation "
+             f"{cfg.grad_accum_steps(world)}; {t.global_batch_size * t.seq_len:,} tokens per step, "
+             f"{t.train_steps} steps"]
+    periods = [lvl.period for lvl in cfg.model.cms.levels]
+    if cfg.model.arch == "hope" and any(p > 1 for p in periods):
+        lines.append(f"note: model.cms.levels periods {periods} are not applied yet; every level is updated "
+                     "at every optimizer step")
+    return lines
+
+
+def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
+    """Build everything and train; `mesh` is start_process_group's."""
+    cfg, rank, world = run.cfg, run.env.rank, run.env.world_size
+    if run.is_main:
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "config.toml").write_text(to_toml(cfg))
+    model = build_model(run, mesh)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
+    logger = RunLogger(run.run_dir, cfg.train.train_steps, enabled=run.is_main)
+    for line in describe(run, mesh is not None):
+        logger.message(line)
+    trainer = Trainer(model, optimizer, scheduler, cfg, run.device, logger,
+                      training_flops_per_token(cfg.model, cfg.train.seq_len),
+                      peak_flops(run.device, cfg.train.peak_flops))
+    try:
+        result = trainer.fit(train_batches(cfg, rank, world),
+                             val_batches(cfg, rank, world) if cfg.train.eval_batches else None)
+    finally:
+        logger.close()
+    return model, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run = prepare(argv, ProcessEnv.from_environ())
+    except (ConfigError, DataPipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mesh = start_process_group(run)
+    try:
+        _, result = train(run, mesh)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if run.is_main:
+        if result.val_loss is not None:
+            print(f"val loss: {result.val_loss:.4f}")
+            print(f"perplexity: {result.perplexity:.2f}")
+        print(f"run directory: {run.run_dir}")
+        print(f"tensorboard: tensorboard --logdir {run.run_dir / 'tensorboard'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

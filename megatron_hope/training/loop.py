@@ -1,0 +1,170 @@
+"""The training loop: micro-batch accumulation, loss, backward, global grad-norm clipping, optimizer and LR
+steps, non-finite loss handling, periodic evaluation and metrics.
+
+A step consumes grad_accum micro-batches per rank; each micro-batch's mean loss is scaled by 1/grad_accum before
+backward, and the data-parallel engine averages gradients over ranks, so the gradient is that of the mean loss
+over the global batch (every sequence holds the same number of targets). A step whose loss or gradient norm is
+NaN/Inf on any rank is skipped on all ranks (no optimizer step; the LR schedule and the data still advance);
+max_nan_steps skips in a row stop training with TrainingError.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_hope.config import Config
+from megatron_hope.training.grad_clip import clip_grad_norm
+from megatron_hope.training.metrics import RunLogger, peak_memory_gib
+
+Batch = dict  # {"tokens": (B, T + 1) int64, "doc_start": (B, T) bool, ...} from the data loader
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message says why and what to change."""
+
+
+@dataclass
+class StepResult:
+    step: int  # 1-based optimizer step
+    loss: float  # mean over the global batch
+    grad_norm: float  # before clipping
+    lr: float
+    skipped: bool  # non-finite loss or gradient norm: no update
+
+
+@dataclass
+class TrainResult:
+    steps: list[StepResult] = field(default_factory=list)
+    val_loss: float | None = None  # of the final evaluation
+
+    @property
+    def perplexity(self) -> float | None:
+        return None if self.val_loss is None else perplexity(self.val_loss)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float beyond ~709
+
+
+def batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean next-token loss of one micro-batch: inputs tokens[:, :-1] predict targets tokens[:, 1:]."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    doc_start = batch["doc_start"].to(device, non_blocking=True)
+    return model(tokens[:, :-1], doc_start, tokens[:, 1:])
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)  # SUM: gloo has no AVG
+        value /= world_size()
+    return value
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], micro_batches: int, device: torch.device) -> float:
+    """Mean loss over the first `micro_batches` micro-batches of every rank (fewer if the data ends first)."""
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for batch in islice(batches, micro_batches):
+        total += batch_loss(model, batch, device).float()
+        count += 1
+    model.train()
+    if count == 0:
+        raise TrainingError("the validation data yielded no batch; check data.val_manifest")
+    return mean_over_ranks(total / count).item()
+
+
+@dataclass
+class Trainer:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    cfg: Config
+    device: torch.device
+    logger: RunLogger
+    flops_per_token: float  # training FLOPs per token of the model (for MFU)
+    peak_flops: float | None  # per device; None: MFU not reported
+
+    def step(self, micro_batches: list[Batch]) -> tuple[float, float, bool]:
+        """One optimizer step over this rank's micro-batches -> (global mean loss, grad norm, skipped)."""
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = batch_loss(self.model, batch, self.device)
+            (loss / len(micro_batches)).backward()
+            total += loss.detach().float()
+        loss = mean_over_ranks(total / len(micro_batches))
+        norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip)
+        loss_value, norm_value = loss.item(), norm.item()
+        skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, norm_value, skipped
+
+    def fit(self, batches: Iterator[Batch], val_batches: Callable[[], Iterable[Batch]] | None) -> TrainResult:
+        """Run train.train_steps steps on `batches` (this rank's micro-batches); evaluate every eval_interval
+        steps and at the end on a fresh `val_batches()` iterable (None: no evaluation)."""
+        t = self.cfg.train
+        accum = self.cfg.grad_accum_steps(world_size())
+        tokens_per_step = t.global_batch_size * t.seq_len
+        result, nan_run = TrainResult(), 0
+        interval_seconds, interval_steps = 0.0, 0
+        for step in range(1, t.train_steps + 1):
+            lr = self.optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            loss, norm, skipped = self.step([next(batches) for _ in range(accum)])
+            interval_seconds += time.perf_counter() - start
+            interval_steps += 1
+            self.scheduler.step()
+            result.steps.append(StepResult(step, loss, norm, lr, skipped))
+            self.logger.advance(loss)
+            self.logger.scalars(step, "train", {"loss": loss, "lr": lr, "grad_norm": norm})
+            if skipped:
+                nan_run += 1
+                self.logger.message(f"step {step}: loss {loss}, grad norm {norm}: not finite, update skipped "
+                                    f"({nan_run} in a row, limit train.max_nan_steps = {t.max_nan_steps})")
+                if nan_run >= t.max_nan_steps:
+                    raise TrainingError(
+                        f"{nan_run} consecutive steps (up to step {step}) had a NaN/Inf loss or gradient norm; "
+                        f"stopping (train.max_nan_steps = {t.max_nan_steps}). Lower optim.lr, raise "
+                        "optim.warmup_steps or set optim.grad_clip, and check the data")
+            else:
+                nan_run = 0
+            if step % t.log_interval == 0 or step == t.train_steps:
+                self._log_throughput(step, loss, norm, lr, tokens_per_step * interval_steps / interval_seconds)
+                interval_seconds, interval_steps = 0.0, 0
+            if val_batches is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
+                self._evaluate(step, val_batches)
+        if val_batches is not None:
+            result.val_loss = self._evaluate(t.train_steps, val_batches)
+        return result
+
+    def _log_throughput(self, step: int, loss: float, norm: float, lr: float, tokens_per_s: float) -> None:
+        values = {"tokens_per_s": tokens_per_s, "peak_mem_gib": peak_memory_gib(self.device)}
+        line = (f"step {step}/{self.cfg.train.train_steps} | loss {loss:.4f} | lr {lr:.3e} | grad_norm {norm:.3f}"
+                f" | tokens/s {tokens_per_s:,.0f}")
+        if self.peak_flops:
+            values["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * world_size())
+            line += f" | mfu {100 * values['mfu']:.2f}%"
+        line += f" | peak mem {values['peak_mem_gib']:.2f} GiB"
+        self.logger.scalars(step, "perf", values)
+        self.logger.message(line)
+
+    def _evaluate(self, step: int, val_batches: Callable[[], Iterable[Batch]]) -> float:
+        micro_batches = self.cfg.train.eval_batches * self.cfg.grad_accum_steps(world_size())
+        loss = evaluate(self.model, val_batches(), micro_batches, self.device)
+        self.logger.scalars(step, "val", {"loss": loss, "perplexity": perplexity(loss)})
+        self.logger.message(f"step {step}: val loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
+        return loss

@@ -1,0 +1,23 @@
+"""Fixtures for the trainer tests: a tiny tokenizer and prepared shards made with the data_pipeline APIs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.prepare import PrepareConfig, prepare
+from data_pipeline.tokenizer import train_tokenizer
+from train_helpers import make_documents
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """{"tokenizer": dir, "manifest": manifest.json} of a synthetic corpus: 320-token BPE, a few shards."""
+    root = tmp_path_factory.mktemp("train_data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "docs.txt").write_text("\n\f\n".join(make_documents(120, seed=3)) + "\n")
+    train_tokenizer([corpus], root / "tok", vocab_size=320, model_type="bpe", threads=1)
+    prepare(PrepareConfig([str(corpus)], str(root / "tok"), str(root / "shards"), shard_tokens=4000, workers=1,
+                          val_fraction=0.1))
+    return {"tokenizer": root / "tok", "manifest": root / "shards" / "manifest.json"}
