@@ -24,6 +24,7 @@ class MemoryConfig:
     adaptive_q: bool = False  # q from a memory M_q instead of a static projection
     differentiable_writes: bool = True  # outer gradient flows through the inner updates (spec 2.4)
     eta_max: float = 0.5  # eta_t = eta_max * sigmoid(.)
+    grad_clip: float = 1.0  # inner-update clipping: per-token gradient of each memory matrix to norm <= this (0 = off)
     alpha_bias_init: float = 5.0  # alpha_t = sigmoid(. + bias): starts near 1 (little forgetting)
     activation: Literal["silu", "gelu"] = "silu"
     impl: Literal["chunked", "sequential"] = "chunked"  # sequential = the token-by-token oracle
@@ -33,6 +34,8 @@ class MemoryConfig:
             raise ConfigError(f"{path}.chunk_size = {self.chunk_size} must be >= 1")
         if self.hidden_mult < 1:
             raise ConfigError(f"{path}.hidden_mult = {self.hidden_mult} must be >= 1")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{path}.grad_clip = {self.grad_clip} must be >= 0 (0 turns inner-update clipping off)")
         if not 0.0 < self.eta_max <= 1.0:
             raise ConfigError(f"{path}.eta_max = {self.eta_max} must be in (0, 1] so that the DGD factor "
                               "alpha I - eta k k^T stays a contraction for unit keys")

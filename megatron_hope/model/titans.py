@@ -25,10 +25,10 @@ def memory_options(cfg: ModelConfig, self_modifying: bool) -> MemoryOptions:
     if not self_modifying:  # Titans: plain GD with momentum and decay, targets v_t (Titans section 3)
         return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form="titans", readout=m.readout,
                              dgd="none", self_target=False, activation=m.activation,
-                             differentiable=m.differentiable_writes)
+                             differentiable=m.differentiable_writes, grad_clip=m.grad_clip)
     return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form=m.momentum_form, readout=m.readout,
                          dgd="first" if m.kind == "linear" else m.dgd, self_target=True, activation=m.activation,
-                         differentiable=m.differentiable_writes)
+                         differentiable=m.differentiable_writes, grad_clip=m.grad_clip)
 
 
 def memory_init(kind: str, n_heads: int, n_mem: int, w: int, m: int) -> nn.ParameterDict:

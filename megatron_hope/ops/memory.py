@@ -34,6 +34,7 @@ class MemoryOptions:
     self_target: bool = False  # target v_hat = M_c(v) (self-modifying Titans) instead of v
     activation: Literal["silu", "gelu"] = "silu"
     differentiable: bool = True  # outer gradient through the writes; False = stop-grad writes
+    grad_clip: float = 0.0  # > 0: each matrix's per-token inner gradient is rescaled to norm <= grad_clip
 
 
 def _act(opts: MemoryOptions) -> Callable[[Tensor], Tensor]:
@@ -86,6 +87,13 @@ def _point(state: State, init: State, use_init: Tensor) -> State:
 
 # ----------------------------------------------------------------------------- sequential oracle
 
+def clip_factor(grad_norm: Tensor, opts: MemoryOptions) -> Tensor:
+    """Inner-update clipping (hope_spec.md 5.13): each matrix's per-token gradient is rescaled to Frobenius norm
+    <= grad_clip. Every update is then bounded, and with retention alpha <= 1 and the DGD contraction the
+    states stay bounded; without it, gradients taken at the stale chunk-start state compound across chunks."""
+    return torch.clamp(opts.grad_clip / grad_norm.clamp_min(1e-12), max=1.0)
+
+
 def _token_grads(P: State, k: Tensor, target: Tensor, opts: MemoryOptions) -> State:
     """Gradient of ||M_P(k) - target||^2 w.r.t. P, by autograd (independent of the chunked form's algebra)."""
     names = list(P)
@@ -95,6 +103,8 @@ def _token_grads(P: State, k: Tensor, target: Tensor, opts: MemoryOptions) -> St
         return ((pred - target) ** 2).sum()
 
     grads = torch.func.grad(loss, argnums=tuple(range(len(names))))(*[P[n] for n in names])
+    if opts.grad_clip > 0:
+        grads = tuple(g * clip_factor(g.flatten(-2).norm(dim=-1), opts)[..., None, None] for g in grads)
     return dict(zip(names, grads))
 
 
@@ -201,12 +211,20 @@ def _errors(P: State, k: Tensor, v: Tensor, opts: MemoryOptions) -> dict[str, tu
     if opts.self_target:
         target = apply_memory(P, v, opts)
     if opts.kind == "linear":
-        return {"W": (k, 2 * (apply_memory(P, k, opts) - target))}
+        return _clipped({"W": (k, 2 * (apply_memory(P, k, opts) - target))}, opts)
     a = k @ P["B"].transpose(-1, -2)  # (..., L, m)
     h = _act(opts)(a)
     dA = 2 * (k + h @ P["A"].transpose(-1, -2) - target)  # error at the output layer, (..., L, w)
     dB = _act_grad(a, opts) * (dA @ P["A"])  # backprop through A and sigma, (..., L, m)
-    return {"A": (h, dA), "B": (k, dB)}
+    return _clipped({"A": (h, dA), "B": (k, dB)}, opts)
+
+
+def _clipped(factors: dict[str, tuple[Tensor, Tensor]], opts: MemoryOptions) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-token gradient clipping on the factors: ||e k^T||_F = ||e|| ||k||."""
+    if opts.grad_clip <= 0:
+        return factors
+    return {n: (key, err * clip_factor(err.norm(dim=-1) * key.norm(dim=-1), opts)[..., None])
+            for n, (key, err) in factors.items()}
 
 
 def chunk_update_chunked(state: State, init: State, gates: ChunkGates, k: Tensor, v: Tensor,
