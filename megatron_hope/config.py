@@ -229,14 +229,43 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    data_parallel_size: int = 0  # 0: the world size (WORLD_SIZE); any other value must equal it
-    dp_engine: Literal["fsdp2"] = "fsdp2"
+    """Megatron's names for the parallel sizes; the data-parallel size is what the world size leaves."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1  # > 1: interleaved 1F1B with this many chunks per stage
+    sequence_parallel: bool = False  # norms and residuals on sequence shards between TP regions
+    data_parallel_size: int = 0  # 0: derived, world size / (tensor x pipeline); any other value must equal that
+    dp_engine: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    zero_stage: int = 1  # DeepSpeed engine: ZeRO stage 1 or 2
     reshard_after_forward: bool = True  # FSDP2: free gathered block weights after forward (ZeRO-3)
 
     def validate(self, path: str = "parallel") -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "virtual_pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 1")
         if self.data_parallel_size < 0:
             raise ConfigError(f"{path}.data_parallel_size = {self.data_parallel_size} must be >= 0 "
-                              "(0 = the number of processes)")
+                              "(0 = derived from the number of processes)")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError(f"{path}.sequence_parallel = true needs {path}.tensor_model_parallel_size > 1 "
+                              "(it shards the sequence between tensor-parallel regions)")
+        if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
+            raise ConfigError(f"{path}.virtual_pipeline_model_parallel_size > 1 needs "
+                              f"{path}.pipeline_model_parallel_size > 1")
+        if self.dp_engine == "deepspeed":
+            if self.zero_stage not in (1, 2):
+                raise ConfigError(f"{path}.zero_stage = {self.zero_stage}: the DeepSpeed engine runs ZeRO stage 1 "
+                                  "or 2; for fully sharded parameters use dp_engine = \"fsdp2\"")
+            if self.tensor_model_parallel_size > 1 or self.pipeline_model_parallel_size > 1:
+                raise ConfigError(f"{path}.dp_engine = \"deepspeed\" supports data parallelism only; set "
+                                  f"{path}.tensor_model_parallel_size = {path}.pipeline_model_parallel_size = 1 or "
+                                  "use dp_engine = \"fsdp2\"")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
 
 @dataclass
@@ -264,14 +293,34 @@ class Config:
         """Checks for a training run on `world_size` processes; fills in parallel.data_parallel_size.
         Run before any process group starts, so that every rank fails alike with the same message."""
         t, p = self.train, self.parallel
-        if p.data_parallel_size not in (0, world_size):
+        mp = p.model_parallel_size
+        if world_size % mp:
+            raise ConfigError(f"{world_size} process(es) are not a multiple of parallel.tensor_model_parallel_size x "
+                              f"parallel.pipeline_model_parallel_size = {mp}; launch a multiple of {mp} processes")
+        dp = world_size // mp
+        if p.data_parallel_size not in (0, dp):
             raise ConfigError(f"parallel.data_parallel_size = {p.data_parallel_size} but {world_size} process(es) "
-                              "were started; set it to 0 (derive it) or launch that many processes")
-        p.data_parallel_size = world_size
-        per_pass = t.micro_batch_size * world_size
+                              f"with model-parallel size {mp} give {dp}; set it to 0 (derive it) or launch "
+                              f"{p.data_parallel_size * mp} processes")
+        p.data_parallel_size = dp
+        m, tp = self.model, p.tensor_model_parallel_size
+        if m.n_heads % tp:
+            raise ConfigError(f"parallel.tensor_model_parallel_size = {tp} does not divide model.n_heads = "
+                              f"{m.n_heads}; memory and attention heads are split whole across TP ranks")
+        if m.vocab_size % tp:
+            raise ConfigError(f"parallel.tensor_model_parallel_size = {tp} does not divide model.vocab_size = "
+                              f"{m.vocab_size}; the embedding and LM head are vocab-parallel (pad the vocabulary)")
+        if p.sequence_parallel and t.seq_len % tp:
+            raise ConfigError(f"train.seq_len = {t.seq_len} is not a multiple of parallel.tensor_model_parallel_size"
+                              f" = {tp}, which sequence parallelism needs")
+        stages = p.pipeline_model_parallel_size * p.virtual_pipeline_model_parallel_size
+        if stages > m.n_layers:
+            raise ConfigError(f"pipeline stages x virtual chunks = {stages} exceed model.n_layers = {m.n_layers}; "
+                              "every pipeline chunk needs at least one block")
+        per_pass = t.micro_batch_size * dp
         if t.global_batch_size % per_pass:
             raise ConfigError(f"train.global_batch_size = {t.global_batch_size} is not a multiple of "
-                              f"train.micro_batch_size x data_parallel_size = {t.micro_batch_size} x {world_size}"
+                              f"train.micro_batch_size x data_parallel_size = {t.micro_batch_size} x {dp}"
                               f" = {per_pass}; make it a multiple so that every rank accumulates whole "
                               "micro-batches")
         if t.seq_len > self.model.max_seq_len:
