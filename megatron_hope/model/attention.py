@@ -24,7 +24,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model
-        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
@@ -33,7 +33,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
-        q, k, v = (w(x).view(B, T, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         positions = None if doc_start is None else positions_from_doc_start(doc_start)
         q, k = self.rope(q, positions), self.rope(k, positions)
         if doc_start is not None and doc_start[:, 1:].any():

@@ -4,6 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter that a parallel plan sharded (a DTensor), or the tensor itself. Parameters
+    used by hand-written math (per-head memory states, conv filters) are read through it, as torchtitan's experts
+    are; the parallel plan decides the sharding, the model code stays the same on one process."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_dict(params: nn.ParameterDict) -> dict[str, torch.Tensor]:
+    return {n: local(p) for n, p in params.items()}
 
 
 class RMSNorm(nn.Module):
@@ -51,8 +63,9 @@ class CausalDepthwiseConv1d(nn.Module):
         self.weight[:, -1] = 1.0  # identity at init: tap on the current token
 
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        weight = local(self.weight)  # channels follow the (possibly column-parallel) input projection
         if self.width == 1:
-            return x * self.weight[:, 0]
+            return x * weight[:, 0]
         T = x.shape[1]
         xp = F.pad(x, (0, 0, self.width - 1, 0))  # (B, T + w - 1, C)
         taps = xp.unfold(1, self.width, 1)  # (B, T, C, w); tap j looks back w - 1 - j tokens
@@ -64,7 +77,7 @@ class CausalDepthwiseConv1d(nn.Module):
             lags = torch.arange(self.width - 1, -1, -1, device=x.device)
             valid = (pos[None, :, None] - lags[None, None, :]) >= start[:, :, None]  # (B, T, w)
             taps = taps * valid[:, :, None, :].to(x.dtype)
-        return (taps * self.weight).sum(-1)
+        return (taps * weight).sum(-1)
 
 
 class RotaryEmbedding(nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron_hope.config import ModelConfig
-from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm
+from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm, local, local_dict
 from megatron_hope.ops import flops
 from megatron_hope.ops.memory import MemoryOptions, State, memory_scan
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
@@ -67,16 +67,17 @@ class _MixerBase(nn.Module):
         self.out_proj = nn.Linear(d, d, bias=False)
 
     def streams(self, x: Tensor, doc_start: Tensor | None) -> list[Tensor]:
-        """Project, convolve and split into per-head streams, each (B, H, T, w)."""
+        """Project, convolve and split into per-head streams, each (B, H, T, w). The projection's rows are
+        head-major ([head, stream, w]), so a contiguous slice of them holds whole heads (tensor parallelism)."""
         B, T, _ = x.shape
         u = F.silu(self.conv(self.in_proj(x), doc_start))
-        u = u.view(B, T, self.n_streams, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        u = u.view(B, T, -1, self.n_streams, self.head_dim).permute(3, 0, 2, 1, 4)
         return list(u.unbind(0))
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """o: (B, H, T, w) memory read-outs -> out_proj(sigmoid(gate(x)) * norm(o))."""
         B, H, T, w = o.shape
-        o = self.out_norm(o).transpose(1, 2).reshape(B, T, H * w)
+        o = self.out_norm(o).transpose(1, 2).reshape(B, T, H * w)  # H: this rank's heads under TP
         return self.out_proj(torch.sigmoid(self.gate(x)) * o)
 
 
@@ -117,12 +118,12 @@ class SelfModifyingTitans(_MixerBase):
                 ) -> tuple[Tensor, MixerState]:
         q_in, k_in, v_in, g_in = self.streams(x, doc_start)
         gens = [k_in, v_in, g_in, g_in] + ([q_in] if self.cfg.memory.adaptive_q else [])
-        readouts = GateReadouts(self.eta_readout, self.eta_bias, self.alpha_readout, self.alpha_bias,
-                                self.cfg.memory.eta_max)
+        readouts = GateReadouts(local(self.eta_readout), local(self.eta_bias), local(self.alpha_readout),
+                                local(self.alpha_bias), self.cfg.memory.eta_max)
         log_beta = F.logsigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
         o, state = self_modifying_scan(
             torch.stack(gens, dim=2), None if self.cfg.memory.adaptive_q else q_in, log_beta,
-            dict(self.gen_init), dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
+            local_dict(self.gen_init), local_dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
             state=state, impl=self.cfg.memory.impl)
         return self.output(o, x), state
 
@@ -136,24 +137,24 @@ class TitansMixer(_MixerBase):
         H, w = cfg.n_heads, cfg.head_dim
         self.opts = memory_options(cfg, self_modifying=False)
         self.mem_init = memory_init(cfg.memory.kind, H, 1, w, cfg.memory.hidden_mult * w)
-        n_gates = 3 if cfg.memory.momentum else 2
-        self.gate_proj = nn.Linear(cfg.d_model, n_gates * H)  # eta, alpha (and beta) per head
+        self.n_gates = 3 if cfg.memory.momentum else 2
+        self.gate_proj = nn.Linear(cfg.d_model, self.n_gates * H)  # eta, alpha (and beta) per head
         self.reset_memory_parameters()
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
         reset_memory_init(self.mem_init)
-        n_gates = self.gate_proj.out_features // self.n_heads
-        bias = torch.tensor([-2.0, self.cfg.memory.alpha_bias_init, 2.0][:n_gates], device=self.gate_proj.bias.device)
-        self.gate_proj.bias.copy_(bias.repeat_interleave(self.n_heads))
+        bias = torch.tensor([-2.0, self.cfg.memory.alpha_bias_init, 2.0][:self.n_gates])
+        self.gate_proj.bias.copy_(bias.repeat(self.n_heads))
 
     def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
                 ) -> tuple[Tensor, MixerState]:
         q, k, v = self.streams(x, doc_start)
-        gates = self.gate_proj(x).transpose(1, 2).unflatten(1, (-1, self.n_heads)).unbind(1)  # (B, H, T) each
+        # rows head-major ([head, gate]); (B, H, T) each
+        gates = self.gate_proj(x).unflatten(-1, (-1, self.n_gates)).permute(3, 0, 2, 1).unbind(0)
         eta_pre, alpha_pre = gates[:2]
         log_beta = F.logsigmoid(gates[2]) if len(gates) == 3 else None
-        init = {n: t[:, 0] for n, t in self.mem_init.items()}
+        init = {n: t[:, 0] for n, t in local_dict(self.mem_init).items()}
         o, state = memory_scan(
             init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
             F.logsigmoid(alpha_pre), log_beta, doc_start[:, None].expand_as(eta_pre)

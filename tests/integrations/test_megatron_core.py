@@ -142,16 +142,17 @@ def test_weight_mapping_round_trip(arch, overrides, tp):
 
 
 def test_column_parallel_ranks_get_whole_heads():
-    """Rank r's in_proj rows are heads [r H/tp, (r+1) H/tp) of every stream (q, k, v, gates), head-major;
-    its SwiGLU fc1 rows are its slice of the gate rows then its slice of the up rows."""
+    """Rank r's in_proj rows are heads [r H/tp, (r+1) H/tp) of every stream (q, k, v, gates); the native rows are
+    head-major too, so that is a contiguous slice; its SwiGLU fc1 rows are its slice of the gate rows then its
+    slice of the up rows."""
     cfg = tiny("hope")
     torch.manual_seed(0)
     native = HopeLM(cfg).state_dict()
     shards = mc.to_megatron(native, cfg, 2)
     H, w, d = cfg.n_heads, cfg.head_dim, cfg.d_model
-    W = native["blocks.1.mixer.in_proj.weight"]  # rows (stream, head, w)
+    W = native["blocks.1.mixer.in_proj.weight"]  # rows (head, stream, w)
     for r in range(2):
-        expected = torch.cat([W[s * d + h * w: s * d + (h + 1) * w] for h in range(r * H // 2, (r + 1) * H // 2)
+        expected = torch.cat([W[(h * 4 + s) * w: (h * 4 + s + 1) * w] for h in range(r * H // 2, (r + 1) * H // 2)
                               for s in range(4)])
         assert torch.equal(shards[r]["decoder.layers.1.self_attention.in_proj.weight"], expected)
         gate = native["blocks.1.cms.levels.1.mlp.w_gate.weight"]

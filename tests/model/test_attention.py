@@ -20,7 +20,7 @@ def rope_reference(x: torch.Tensor, theta: float) -> torch.Tensor:
 def attention_reference(attn: CausalSelfAttention, x: torch.Tensor, theta: float) -> torch.Tensor:
     """One document (T, d), no batch: explicit scores, causal mask, softmax."""
     T, d = x.shape
-    H = attn.n_heads
+    H = d // attn.head_dim
     q, k, v = ((x @ w.weight.T).view(T, H, -1).transpose(0, 1) for w in (attn.wq, attn.wk, attn.wv))
     q, k = rope_reference(q, theta), rope_reference(k, theta)
     scores = q @ k.transpose(1, 2) / math.sqrt(d // H)

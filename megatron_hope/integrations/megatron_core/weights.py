@@ -31,16 +31,6 @@ class Rule:
     unpack: Callable[[Tensor], list[Tensor]] = lambda t: [t]
 
 
-def _regroup(t: Tensor, outer: int, inner: int) -> Tensor:
-    """Rows grouped (outer, inner, rest) -> (inner, outer, rest): stream-major <-> head-major."""
-    return t.reshape(outer, inner, t.shape[0] // (outer * inner), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-
-
-def _head_major(n: str, m: str, n_streams: int, H: int) -> Rule:
-    """Native rows [stream, head, w] -> megatron-core rows [head, stream, w] (whole heads per TP rank)."""
-    return Rule(m, (n,), "col", lambda ts: _regroup(ts[0], n_streams, H), lambda t: [_regroup(t, H, n_streams)])
-
-
 def _swiglu(n: str, m: str) -> list[Rule]:
     return [Rule(f"{m}linear_fc1.weight", (f"{n}w_gate.weight", f"{n}w_up.weight"), "glu",
                  torch.cat, lambda t: list(t.chunk(2))),
@@ -48,11 +38,9 @@ def _swiglu(n: str, m: str) -> list[Rule]:
 
 
 def _mixer(cfg: ModelConfig, n: str, m: str) -> list[Rule]:
-    H = cfg.n_heads
     hope = cfg.arch == "hope"
-    S = 4 if hope else 3
-    rules = [_head_major(f"{n}in_proj.weight", f"{m}in_proj.weight", S, H),
-             _head_major(f"{n}conv.weight", f"{m}conv.weight", S, H),
+    rules = [Rule(f"{m}in_proj.weight", (f"{n}in_proj.weight",), "col"),  # both head-major
+             Rule(f"{m}conv.weight", (f"{n}conv.weight",), "col"),
              Rule(f"{m}out_norm.weight", (f"{n}out_norm.weight",), "rep"),
              Rule(f"{m}gate.weight", (f"{n}gate.weight",), "col"),
              Rule(f"{m}out_proj.weight", (f"{n}out_proj.weight",), "row")]
@@ -62,7 +50,7 @@ def _mixer(cfg: ModelConfig, n: str, m: str) -> list[Rule]:
         per_head += [f"gen_init.{x}" for x in matrices]
         per_head += ["beta_proj.weight", "beta_proj.bias", "eta_readout", "eta_bias", "alpha_readout", "alpha_bias"]
     else:
-        rules += [_head_major(f"{n}gate_proj.{x}", f"{m}gate_proj.{x}", 3, H) for x in ("weight", "bias")]
+        rules += [Rule(f"{m}gate_proj.{x}", (f"{n}gate_proj.{x}",), "col") for x in ("weight", "bias")]
     return rules + [Rule(f"{m}{x}", (f"{n}{x}",), "col") for x in per_head]
 
 
