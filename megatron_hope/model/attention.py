@@ -32,7 +32,7 @@ class CausalSelfAttention(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
 
     def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, d = x.shape
+        B, T, _ = x.shape
         q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         positions = None if doc_start is None else positions_from_doc_start(doc_start)
         q, k = self.rope(q, positions), self.rope(k, positions)
@@ -40,4 +40,4 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_start))
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(B, T, d))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # this rank's heads under TP
