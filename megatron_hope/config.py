@@ -289,6 +289,21 @@ class Config:
     def grad_accum_steps(self, dp_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * dp_size)
 
+    def _validate_pipeline(self, micro_batches: int) -> None:
+        """The pipeline schedules' limits on the micro-batches per step (torch.distributed.pipelining)."""
+        pp = self.parallel.pipeline_model_parallel_size
+        counted = (f"train.global_batch_size / (train.micro_batch_size x data_parallel_size) = {micro_batches} "
+                   "micro-batches per step")
+        if micro_batches < pp:
+            raise ConfigError(f"parallel.pipeline_model_parallel_size = {pp} needs at least {pp} micro-batches per "
+                              f"step, but {counted}; raise train.global_batch_size or lower train.micro_batch_size")
+        rounds = micro_batches // pp  # interleaved 1F1B runs the micro-batches in this many equal rounds
+        if self.parallel.virtual_pipeline_model_parallel_size > 1 and micro_batches % rounds:
+            raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size > 1 (interleaved 1F1B) runs the "
+                              f"micro-batches in {micro_batches} // parallel.pipeline_model_parallel_size = {rounds} "
+                              f"equal rounds, but {counted}; make it a multiple of {pp} with "
+                              "train.global_batch_size")
+
     def validate_run(self, world_size: int) -> None:
         """Checks for a training run on `world_size` processes; fills in parallel.data_parallel_size.
         Run before any process group starts, so that every rank fails alike with the same message."""
@@ -323,6 +338,8 @@ class Config:
                               f"train.micro_batch_size x data_parallel_size = {t.micro_batch_size} x {dp}"
                               f" = {per_pass}; make it a multiple so that every rank accumulates whole "
                               "micro-batches")
+        if p.pipeline_model_parallel_size > 1:
+            self._validate_pipeline(self.grad_accum_steps(dp))
         if t.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len};"
                               " lower train.seq_len or raise model.max_seq_len")

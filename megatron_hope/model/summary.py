@@ -51,8 +51,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     return parts
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per token of the whole LM on sequences of `seq_len` tokens."""
+def block_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of one block (token mixer + MLP or CMS) on sequences of `seq_len` tokens."""
     d = cfg.d_model
     if cfg.arch == "transformerpp":
         mixer = 2 * 4 * d * d + 2 * 2 * seq_len * d  # q, k, v, o projections; scores Q K^T and weights @ V
@@ -62,7 +62,17 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         mlp = sum(2 * 3 * d * lvl.hidden for lvl in cfg.cms.levels)
     else:
         mlp = 2 * 3 * d * cfg.ffn_hidden
-    return cfg.n_layers * (mixer + mlp) + 2 * d * cfg.vocab_size
+    return mixer + mlp
+
+
+def head_forward_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward matmul FLOPs per token of the LM head (the embedding is a lookup: none)."""
+    return 2 * cfg.d_model * cfg.vocab_size
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of the whole LM on sequences of `seq_len` tokens."""
+    return cfg.n_layers * block_forward_flops_per_token(cfg, seq_len) + head_forward_flops_per_token(cfg)
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -58,6 +58,23 @@ def test_the_base_config_is_valid(config):
     (["--data.num_workers=-1"], r"data\.num_workers = -1 must be >= 0"),
     (["--parallel.data_parallel_size=4"], r"parallel\.data_parallel_size = 4 but 2 process\(es\)"),
     (["--parallel.dp_engine=ddp"], r"parallel\.dp_engine = 'ddp' is not allowed"),
+    (["--parallel.dp_engine=deepspeed", "--parallel.zero_stage=3"],
+     r"parallel\.zero_stage = 3: the DeepSpeed engine runs ZeRO stage 1 or 2"),
+    (["--parallel.dp_engine=deepspeed", "--parallel.tensor_model_parallel_size=2"],
+     r"parallel\.dp_engine = \"deepspeed\" supports data parallelism only; set parallel\.tensor_model_parallel_size"),
+    (["--parallel.pipeline_model_parallel_size=3"], r"2 process\(es\) are not a multiple of parallel\.tensor_model_"
+                                                    r"parallel_size x parallel\.pipeline_model_parallel_size = 3"),
+    (["--parallel.virtual_pipeline_model_parallel_size=2"], r"parallel\.virtual_pipeline_model_parallel_size > 1 "
+                                                            r"needs parallel\.pipeline_model_parallel_size > 1"),
+    (["--parallel.pipeline_model_parallel_size=2", "--parallel.virtual_pipeline_model_parallel_size=2"],
+     r"pipeline stages x virtual chunks = 4 exceed model\.n_layers = 2"),
+    (["--parallel.pipeline_model_parallel_size=2", "--train.global_batch_size=2"],
+     r"parallel\.pipeline_model_parallel_size = 2 needs at least 2 micro-batches per step, but train\.global_batch_"
+     r"size / \(train\.micro_batch_size x data_parallel_size\) = 1"),
+    (["--parallel.pipeline_model_parallel_size=2", "--parallel.virtual_pipeline_model_parallel_size=2",
+      "--model.n_layers=4", "--train.global_batch_size=10"],
+     r"parallel\.virtual_pipeline_model_parallel_size > 1 \(interleaved 1F1B\) runs the micro-batches in 5 // "
+     r"parallel\.pipeline_model_parallel_size = 2 equal rounds"),
     (["--model.vocab_size=300"], r"model\.vocab_size = 300 is smaller than the tokenizer's vocabulary \(320"),
     (["--model.cms.inner_updates=true"], r"model\.cms\.inner_updates = true is not trainable yet"),
     (["--train.device=tpu"], r"train\.device = 'tpu' is not allowed"),

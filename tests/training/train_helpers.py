@@ -47,10 +47,11 @@ def run_in_process(argv: list[str], out: Path) -> dict:
     return torch.load(out)
 
 
-def run_torchrun(argv: list[str], out: Path, nproc: int = 2, timeout: float = 180) -> dict:
+def run_torchrun(argv: list[str], out: Path, nproc: int = 2, timeout: float = 180,
+                 script: str = dump_run.__file__) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           dump_run.__file__, *argv, "--out", str(out)]
+           script, *argv, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)

@@ -1,0 +1,102 @@
+"""Data parallelism with DeepSpeed ZeRO stage 1 or 2 (parallel.dp_engine = "deepspeed").
+
+DeepSpeed wraps the model and our AdamW (client optimizer, with its no-decay groups); it scales each micro-batch
+by 1/gradient_accumulation_steps, averages gradients over ranks, clips to optim.grad_clip and steps the optimizer
+at the last micro-batch of a step, so a step means what it means with FSDP2. The LR schedule stays the trainer's
+LambdaLR on the client optimizer (DeepSpeed is given none): DeepSpeed would not advance it on a skipped step.
+fp32 on CPU (gloo), bf16 on CUDA (nccl).
+
+deepspeed is imported inside the functions: DS_ACCELERATOR must be set before its import, and FSDP2 runs do
+not need it. On CPU its first process group JIT-builds the shm-comm op (~45 s), cached in TORCH_EXTENSIONS_DIR,
+which defaults here to the checkout's ignored .cache/torch_extensions.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_hope.config import Config
+from megatron_hope.training.loop import Batch, Trainer, batch_loss, mean_over_ranks
+
+EXTENSIONS_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
+
+
+def init_distributed(rank: int, world_size: int, device: torch.device) -> None:
+    """Start the default process group (gloo on CPU, nccl on CUDA) and hand it to DeepSpeed; a lone process
+    without torchrun gets an in-memory store."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
+    import deepspeed
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = None
+    if world_size == 1 and not dist.is_torchelastic_launched():
+        store = dist.HashStore()
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts that a launcher set it
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+
+
+def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(dp_size),
+        "gradient_clipping": cfg.optim.grad_clip,  # 0 = off, as in our config
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "elastic_checkpoint": False},
+        "bf16": {"enabled": device.type == "cuda", "check_grad_overflow": True},
+        "steps_per_print": 2**31 - 1,  # progress goes through our RunLogger
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device) -> nn.Module:
+    """The DeepSpeed engine over `model` (on `device`) and the client `optimizer`; needs init_distributed."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, dist.get_world_size(), device))
+    return engine
+
+
+def full_fp32_state_dict(engine: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded fp32 master parameters by state-dict name, on CPU; a collective: call it on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(engine.module.named_parameters(remove_duplicate=False))
+    return {name: safe_get_full_fp32_param(params[name]).detach().cpu().clone()
+            for name in engine.module.state_dict()}
+
+
+class DeepSpeedTrainer(Trainer):
+    """The Trainer with `model` a DeepSpeed engine and `optimizer` its client optimizer (for the LR schedule).
+
+    Skipping: a step whose gradient norm is not finite is skipped by DeepSpeed itself on every rank (the norm is
+    global): no optimizer update, gradients dropped, and its micro-step counter advances as usual. A non-finite
+    loss is routed into that path: when the mean loss over ranks is not finite, the last micro-batch's loss is
+    multiplied by NaN before backward, so the global norm is NaN. engine.step() is called after every micro-batch
+    either way, which keeps DeepSpeed's accumulation boundary on the last one."""
+
+    def step(self, micro_batches: list[Batch]) -> tuple[float, float, bool]:
+        engine = self.model
+        if len(micro_batches) != engine.gradient_accumulation_steps():
+            raise ValueError(f"{len(micro_batches)} micro-batches, but DeepSpeed accumulates "
+                             f"{engine.gradient_accumulation_steps()}")
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            loss = batch_loss(engine, batch, self.device)
+            total += loss.detach().float()
+            if i == len(micro_batches) - 1:
+                mean = mean_over_ranks(total / len(micro_batches))
+                if not torch.isfinite(mean):
+                    loss = loss * float("nan")
+            engine.backward(loss)  # DeepSpeed scales by 1 / gradient_accumulation_steps
+            engine.step()
+        return mean.item(), float(engine.get_global_grad_norm()), not engine.was_step_applied()
