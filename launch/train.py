@@ -1,6 +1,7 @@
 """Train a model: `python -m launch.train --config configs/X.toml [--section.field=value ...]`.
 
-Runs as one process, or as several under `torchrun --nproc_per_node=N` (FSDP2 data parallelism).
+Runs as one process, or as several under `torchrun --nproc_per_node=N` (FSDP2 data parallelism, or DeepSpeed
+ZeRO-1/2 with parallel.dp_engine = "deepspeed"; pipeline stages with parallel.pipeline_model_parallel_size > 1).
 The config is loaded and checked, data included, before any process group starts; a bad value stops every
 rank with one message naming the field. Rank 0 writes runs_dir/run_name/: config.toml (the resolved config),
 train.log, metrics.jsonl and tensorboard/.
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 
 from data_pipeline.errors import DataPipelineError
 from launch.data import check_data, train_batches, val_batches
@@ -25,7 +27,11 @@ from megatron_hope.config import Config, load
 from megatron_hope.config_base import ConfigError, to_toml
 from megatron_hope.model.lm import HopeLM
 from megatron_hope.model.summary import count_parameters, training_flops_per_token
-from megatron_hope.parallel.data_parallel import apply_fsdp, init_dp_mesh
+from megatron_hope.parallel import deepspeed_engine
+from megatron_hope.parallel.data_parallel import apply_fsdp
+from megatron_hope.parallel.mesh import init_mesh
+from megatron_hope.parallel.pipeline import Pipeline, build_pipeline
+from megatron_hope.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_hope.training.loop import Trainer, TrainingError, TrainResult
 from megatron_hope.training.metrics import RunLogger, peak_flops
 from megatron_hope.training.optimizer import build_optimizer
@@ -83,31 +89,45 @@ def run_directory(cfg: Config, config_path: str) -> Path:
 
 
 def start_process_group(run: Run) -> DeviceMesh | None:
-    """The data-parallel mesh for several ranks, or for CUDA (FSDP2 provides the bf16 mixed precision even on
-    one rank); None for a lone CPU process, which trains the plain model."""
+    """The ("pp", "dp", "tp") mesh for several ranks, or for CUDA (FSDP2 provides the bf16 mixed precision even on
+    one rank); None for a lone CPU process, which trains the plain model, and for DeepSpeed, which wraps it."""
+    if run.cfg.parallel.dp_engine == "deepspeed":
+        deepspeed_engine.init_distributed(run.env.rank, run.env.world_size, run.device)
+        return None
     if run.env.world_size == 1 and run.device.type == "cpu":
         return None
-    return init_dp_mesh(run.env.rank, run.env.world_size, run.device)
+    return init_mesh(run.cfg.parallel, run.env.rank, run.env.world_size, run.device)
 
 
-def build_model(run: Run, mesh: DeviceMesh | None) -> nn.Module:
-    """The model, initialised from train.seed (the same on every rank), sharded with FSDP2 over `mesh`, or
-    on this process's device without one."""
+def build_model(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, Pipeline | None]:
+    """The model, initialised from train.seed (the same on every rank), sharded with FSDP2 over mesh["dp"], or
+    on this process's device without a mesh. With pipeline parallelism: this rank's stages and their pipeline."""
     torch.manual_seed(run.cfg.train.seed)
     model = HopeLM(run.cfg.model)
+    if run.cfg.parallel.tensor_model_parallel_size > 1:
+        model = apply_tensor_parallel(model.to(run.device), mesh["tp"], run.cfg.parallel.sequence_parallel)
+    if run.cfg.parallel.pipeline_model_parallel_size > 1:
+        pipeline = build_pipeline(model, run.cfg, mesh, run.device)
+        return pipeline.model, pipeline
     if mesh is not None:
-        return apply_fsdp(model, mesh, run.cfg.parallel.reshard_after_forward)
-    return model.to(run.device)
+        return apply_fsdp(model, mesh["dp"], run.cfg.parallel.reshard_after_forward), None
+    return model.to(run.device), None
 
 
 def describe(run: Run, sharded: bool) -> list[str]:
     cfg, world = run.cfg, run.env.world_size
-    t = cfg.train
+    t, p = cfg.train, cfg.parallel
     n_params = count_parameters(cfg.model)["total"]
+    pipeline = (f" | pipeline {p.pipeline_model_parallel_size} stages x {p.virtual_pipeline_model_parallel_size} "
+                "chunks" if p.pipeline_model_parallel_size > 1 else "")
+    if p.tensor_model_parallel_size > 1:
+        pipeline += (f" | tensor parallel {p.tensor_model_parallel_size}"
+                     f"{' + sequence parallel' if p.sequence_parallel else ''}")
     lines = [f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | {world} process(es) on "
-             f"{run.device.type}{' with FSDP2' if sharded else ''}",
-             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {world} x accumulation "
-             f"{cfg.grad_accum_steps(world)}; {t.global_batch_size * t.seq_len:,} tokens per step, "
+             f"{run.device.type}{' with FSDP2' if sharded else ''}{pipeline}",
+             f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {p.data_parallel_size} x "
+             f"accumulation {cfg.grad_accum_steps(p.data_parallel_size)}; {t.global_batch_size * t.seq_len:,} "
+             "tokens per step, "
              f"{t.train_steps} steps"]
     periods = [lvl.period for lvl in cfg.model.cms.levels]
     if cfg.model.arch == "hope" and any(p > 1 for p in periods):
@@ -122,18 +142,24 @@ def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
     if run.is_main:
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "config.toml").write_text(to_toml(cfg))
-    model = build_model(run, mesh)
+    model, pipeline = build_model(run, mesh)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
     logger = RunLogger(run.run_dir, cfg.train.train_steps, enabled=run.is_main)
-    for line in describe(run, mesh is not None):
+    for line in describe(run, any(isinstance(m, FSDPModule) for m in model.modules())):
         logger.message(line)
-    trainer = Trainer(model, optimizer, scheduler, cfg, run.device, logger,
-                      training_flops_per_token(cfg.model, cfg.train.seq_len),
-                      peak_flops(run.device, cfg.train.peak_flops))
+    trainer_class = Trainer
+    if cfg.parallel.dp_engine == "deepspeed":
+        model = deepspeed_engine.initialize(model, optimizer, cfg, run.device)
+        trainer_class = deepspeed_engine.DeepSpeedTrainer
+        logger.message(f"data parallelism: DeepSpeed ZeRO-{cfg.parallel.zero_stage}")
+    trainer = trainer_class(model, optimizer, scheduler, cfg, run.device, logger,
+                            training_flops_per_token(cfg.model, cfg.train.seq_len),
+                            peak_flops(run.device, cfg.train.peak_flops), pipeline=pipeline)
+    dp_rank, dp_size = (mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None else (rank, world)
     try:
-        result = trainer.fit(train_batches(cfg, rank, world),
-                             val_batches(cfg, rank, world) if cfg.train.eval_batches else None)
+        result = trainer.fit(train_batches(cfg, dp_rank, dp_size),
+                             val_batches(cfg, dp_rank, dp_size) if cfg.train.eval_batches else None)
     finally:
         logger.close()
     return model, result

@@ -128,9 +128,10 @@ class Pipeline:
         first = any(stage.is_first for stage in self.stages)
         last = any(stage.is_last for stage in self.stages)
         losses: list[torch.Tensor] = []
-        run(*((tokens[:, :-1],) if first else ()), target=tokens[:, 1:] if last else None, losses=losses,
+        run(*((tokens[:, :-1].contiguous(),) if first else ()), target=tokens[:, 1:] if last else None, losses=losses,
             return_outputs=False, doc_start=doc_start)
         # the last stage's mean, summed over all ranks, over the ranks that hold a last stage (dp x tp)
+        losses = [loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach() for loss in losses]
         total = torch.stack(losses).float().mean() if last else torch.zeros((), device=self.device)
         dist.all_reduce(total)
         return total / (dist.get_world_size() // self.mesh["pp"].size())
@@ -139,7 +140,12 @@ class Pipeline:
     def _sum_tied_grads(self) -> None:
         if self.tied_group is None:
             return
-        grad = self.model.embed.weight.grad
+        weight = self.model.embed.weight
+        grad = weight.grad
+        if isinstance(grad, DTensor) and grad.placements != weight.placements:
+            # tensor parallelism: the embedding's gradient can come back replicated, the head's vocab-sharded;
+            # give both ends the parameter's own sharding so that the pair sums matching shards
+            grad = weight.grad = grad.redistribute(grad.device_mesh, weight.placements)
         dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=self.tied_group)
 
 

@@ -5,10 +5,12 @@ A step consumes grad_accum micro-batches per rank; each micro-batch's mean loss 
 backward, and the data-parallel engine averages gradients over ranks, so the gradient is that of the mean loss
 over the global batch (every sequence holds the same number of targets). A step whose loss or gradient norm is
 NaN/Inf on any rank is skipped on all ranks (no optimizer step; the LR schedule and the data still advance);
-max_nan_steps skips in a row stop training with TrainingError.
+max_nan_steps skips in a row stop training with TrainingError. Under pipeline parallelism the step's micro-batches
+go through the pipeline schedule instead (parallel/pipeline.py), with the same loss and gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,8 +20,11 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from megatron_hope.config import Config
+from megatron_hope.parallel.pipeline import Pipeline
 from megatron_hope.training.grad_clip import clip_grad_norm
 from megatron_hope.training.metrics import RunLogger, peak_memory_gib
 
@@ -54,10 +59,22 @@ def perplexity(loss: float) -> float:
 
 
 def batch_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Mean next-token loss of one micro-batch: inputs tokens[:, :-1] predict targets tokens[:, 1:]."""
+    """Mean next-token loss of one micro-batch: inputs tokens[:, :-1] predict targets tokens[:, 1:]. Under tensor
+    parallelism the caller holds loss_context() (the logits are vocab-sharded)."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     doc_start = batch["doc_start"].to(device, non_blocking=True)
     return model(tokens[:, :-1], doc_start, tokens[:, 1:])
+
+
+def loss_context(cfg: Config) -> contextlib.AbstractContextManager:
+    """Vocab-parallel cross-entropy for forward and backward under tensor parallelism."""
+    return loss_parallel() if cfg.parallel.tensor_model_parallel_size > 1 else contextlib.nullcontext()
+
+
+def value(t: torch.Tensor) -> torch.Tensor:
+    """A detached plain tensor (a tensor-parallel loss is a replicated DTensor)."""
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def world_size() -> int:
@@ -78,12 +95,26 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], micro_batches: int, dev
     model.eval()
     total, count = torch.zeros((), device=device), 0
     for batch in islice(batches, micro_batches):
-        total += batch_loss(model, batch, device).float()
+        total += value(batch_loss(model, batch, device)).float()
         count += 1
     model.train()
     if count == 0:
         raise TrainingError("the validation data yielded no batch; check data.val_manifest")
     return mean_over_ranks(total / count).item()
+
+
+def evaluate_pipeline(pipeline: Pipeline, batches: Iterable[Batch], steps: int, accum: int) -> float:
+    """evaluate() through the pipeline schedule: `steps` groups of `accum` micro-batches (fewer if the data
+    ends first; a partial group is left out)."""
+    batches, losses = iter(batches), []
+    for _ in range(steps):
+        group = list(islice(batches, accum))
+        if len(group) < accum:
+            break
+        losses.append(pipeline.evaluate(group))
+    if not losses:
+        raise TrainingError("the validation data yielded no full step of micro-batches; check data.val_manifest")
+    return torch.stack(losses).mean().item()
 
 
 @dataclass
@@ -96,16 +127,23 @@ class Trainer:
     logger: RunLogger
     flops_per_token: float  # training FLOPs per token of the model (for MFU)
     peak_flops: float | None  # per device; None: MFU not reported
+    pipeline: Pipeline | None = None  # pipeline parallelism: runs the micro-batches; model is this rank's part
 
     def step(self, micro_batches: list[Batch]) -> tuple[float, float, bool]:
         """One optimizer step over this rank's micro-batches -> (global mean loss, grad norm, skipped)."""
-        total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            loss = batch_loss(self.model, batch, self.device)
-            (loss / len(micro_batches)).backward()
-            total += loss.detach().float()
-        loss = mean_over_ranks(total / len(micro_batches))
-        norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip)
+        pp = self.pipeline
+        with loss_context(self.cfg):
+            if pp is None:
+                total = torch.zeros((), device=self.device)
+                for batch in micro_batches:
+                    loss = batch_loss(self.model, batch, self.device)
+                    (loss / len(micro_batches)).backward()
+                    total += value(loss).float()
+                loss = mean_over_ranks(total / len(micro_batches))
+            else:
+                loss = pp.train_step(micro_batches)
+        norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip,
+                              pp.norm_group if pp else None, pp.counted_elsewhere if pp else ())
         loss_value, norm_value = loss.item(), norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if not skipped:
@@ -117,7 +155,7 @@ class Trainer:
         """Run train.train_steps steps on `batches` (this rank's micro-batches); evaluate every eval_interval
         steps and at the end on a fresh `val_batches()` iterable (None: no evaluation)."""
         t = self.cfg.train
-        accum = self.cfg.grad_accum_steps(world_size())
+        accum = self.cfg.grad_accum_steps(self.dp_size)
         tokens_per_step = t.global_batch_size * t.seq_len
         result, nan_run = TrainResult(), 0
         interval_seconds, interval_steps = 0.0, 0
@@ -162,9 +200,17 @@ class Trainer:
         self.logger.scalars(step, "perf", values)
         self.logger.message(line)
 
+    @property
+    def dp_size(self) -> int:
+        return world_size() // self.cfg.parallel.model_parallel_size
+
     def _evaluate(self, step: int, val_batches: Callable[[], Iterable[Batch]]) -> float:
-        micro_batches = self.cfg.train.eval_batches * self.cfg.grad_accum_steps(world_size())
-        loss = evaluate(self.model, val_batches(), micro_batches, self.device)
+        accum = self.cfg.grad_accum_steps(self.dp_size)
+        with loss_context(self.cfg):
+            if self.pipeline is None:
+                loss = evaluate(self.model, val_batches(), self.cfg.train.eval_batches * accum, self.device)
+            else:
+                loss = evaluate_pipeline(self.pipeline, val_batches(), self.cfg.train.eval_batches, accum)
         self.logger.scalars(step, "val", {"loss": loss, "perplexity": perplexity(loss)})
         self.logger.message(f"step {step}: val loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
         return loss
