@@ -31,6 +31,7 @@ from megatron_hope.parallel import deepspeed_engine
 from megatron_hope.parallel.data_parallel import apply_fsdp
 from megatron_hope.parallel.mesh import init_mesh
 from megatron_hope.parallel.pipeline import Pipeline, build_pipeline
+from megatron_hope.parallel.recompute import apply_recompute
 from megatron_hope.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_hope.training.loop import Trainer, TrainingError, TrainResult
 from megatron_hope.training.metrics import RunLogger, peak_flops
@@ -106,6 +107,7 @@ def build_model(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, Pipeline 
     model = HopeLM(run.cfg.model)
     if run.cfg.parallel.tensor_model_parallel_size > 1:
         model = apply_tensor_parallel(model.to(run.device), mesh["tp"], run.cfg.parallel.sequence_parallel)
+    apply_recompute(model, run.cfg.parallel.recompute_granularity)
     if run.cfg.parallel.pipeline_model_parallel_size > 1:
         pipeline = build_pipeline(model, run.cfg, mesh, run.device)
         return pipeline.model, pipeline

@@ -239,6 +239,7 @@ class ParallelConfig:
     dp_engine: Literal["fsdp2", "deepspeed"] = "fsdp2"
     zero_stage: int = 1  # DeepSpeed engine: ZeRO stage 1 or 2
     reshard_after_forward: bool = True  # FSDP2: free gathered block weights after forward (ZeRO-3)
+    recompute_granularity: Literal["none", "selective", "full"] = "none"  # selective: the mixers' inner loop
 
     def validate(self, path: str = "parallel") -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
