@@ -1,0 +1,58 @@
+"""Bytes sent by the actual collectives, attributed to the mesh dim whose process group carried them.
+
+A TorchDispatchMode sees every c10d op (what torch.distributed, FSDP2 and the pipeline schedules call) and
+every functional collective (what DTensor redistributions call), with the process group or its name among the
+arguments; the payload counted is the op's input tensors (for point-to-point ops, the tensor sent or received).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def _nbytes(x: object) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+def _group_name(arg: object) -> str | None:
+    """c10d ops carry their process group as a TorchScript object (beside others, e.g. the reduce op)."""
+    if isinstance(arg, torch.ScriptObject):
+        try:
+            return dist.ProcessGroup.unbox(arg).group_name
+        except RuntimeError:  # not a process group
+            return None
+    return None
+
+
+class CommCounter(TorchDispatchMode):
+    """Counts bytes per mesh dim name ("dp", "tp", "pp", or "other" for any other group) while active."""
+
+    def __init__(self, mesh: DeviceMesh | None):
+        super().__init__()
+        self.names: dict[str, str] = {}
+        if mesh is not None:
+            for dim in mesh.mesh_dim_names or ():
+                if mesh[dim].size() > 1:
+                    self.names[mesh.get_group(dim).group_name] = dim
+        self.bytes: dict[str, int] = defaultdict(int)
+
+    def _dim(self, args: tuple) -> str:
+        for a in args:
+            name = a if isinstance(a, str) else _group_name(a)
+            if name in self.names:
+                return self.names[name]
+        return "other"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional") and "wait" not in func.__name__ \
+                and "wrap_tensor" not in func.__name__:
+            self.bytes[self._dim(args)] += _nbytes(args[0])
+        return func(*args, **(kwargs or {}))
