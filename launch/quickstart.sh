@@ -9,6 +9,11 @@ source launch/venv.sh
 export OMP_NUM_THREADS=1  # one thread per process: 2 processes x 1 thread is the fast layout on 2 cores
 DATA=data/quickstart  # must match [data] in configs/quickstart.toml
 
+# the corpus is a Debian package (data_pipeline/corpus.py); a fresh machine needs its package lists first
+if [ ! -f "$DATA/corpus/corpus.json" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+   && ! apt-cache show r-cran-janeaustenr >/dev/null 2>&1; then
+  apt-get update -qq || echo "apt-get update failed; the corpus step will say what is missing"
+fi
 # each step's last-written file marks it done
 if [ -f "$DATA/corpus/corpus.json" ]; then echo "corpus: $DATA/corpus (exists)"; else
   python -m data_pipeline.corpus --out "$DATA/corpus"

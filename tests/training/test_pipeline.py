@@ -90,6 +90,7 @@ def references(data, tmp_path_factory):
     ("dp2_pp2", 4, 1, ["--parallel.pipeline_model_parallel_size=2"]),
     # middle stages without embedding or head; the tied-embedding pair (ranks 0, 3) is not the pipeline group
     ("pp4_1f1b", 4, 1, ["--parallel.pipeline_model_parallel_size=4"]),
+    ("dp2_fsdp2", 2, 2, []),
     # tensor parallelism (heads split), with sequence parallelism, and combined with data and pipeline parallelism
     ("tp2", 2, 2, ["--parallel.tensor_model_parallel_size=2"]),
     ("tp2_sp", 2, 2, ["--parallel.tensor_model_parallel_size=2", "--parallel.sequence_parallel=true"]),
