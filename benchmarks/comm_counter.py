@@ -33,10 +33,11 @@ def _group_name(arg: object) -> str | None:
 
 
 class CommCounter(TorchDispatchMode):
-    """Counts bytes per mesh dim name ("dp", "tp", "pp", or "other" for any other group) while active."""
+    """Counts bytes per mesh dim name ("dp", "tp", "pp", or `other` for any other group) while active."""
 
-    def __init__(self, mesh: DeviceMesh | None):
+    def __init__(self, mesh: DeviceMesh | None, other: str = "other"):
         super().__init__()
+        self.other = other
         self.names: dict[str, str] = {}
         if mesh is not None:
             for dim in mesh.mesh_dim_names or ():
@@ -49,7 +50,7 @@ class CommCounter(TorchDispatchMode):
             name = a if isinstance(a, str) else _group_name(a)
             if name in self.names:
                 return self.names[name]
-        return "other"
+        return self.other
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace in ("c10d", "_c10d_functional") and "wait" not in func.__name__ \
