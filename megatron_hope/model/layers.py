@@ -18,7 +18,22 @@ def local_dict(params: nn.ParameterDict) -> dict[str, torch.Tensor]:
     return {n: local(p) for n, p in params.items()}
 
 
+def apex_rms_norm():
+    """NVIDIA apex's fused RMSNorm when apex is installed (it is not on PyPI; the PyPI package named `apex` is an
+    unrelated web toolkit, whose import fails here and leaves torch's kernel in use)."""
+    try:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except ImportError:
+        return None
+    return fused_rms_norm_affine
+
+
+_APEX_RMS_NORM = apex_rms_norm()
+
+
 class RMSNorm(nn.Module):
+    """RMS normalisation with a learned scale; apex's fused CUDA kernel when present, else torch's."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -28,6 +43,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _APEX_RMS_NORM is not None and x.is_cuda and not isinstance(x, DTensor):
+            return _APEX_RMS_NORM(x, self.weight, (x.shape[-1],), self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
