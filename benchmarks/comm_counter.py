@@ -44,6 +44,8 @@ class CommCounter(TorchDispatchMode):
                 if mesh[dim].size() > 1:
                     self.names[mesh.get_group(dim).group_name] = dim
         self.bytes: dict[str, int] = defaultdict(int)
+        self.reduced: dict[str, int] = defaultdict(int)  # the part of `bytes` sent by reductions (reduce-scatter,
+        # all-reduce): gradient synchronization
 
     def _dim(self, args: tuple) -> str:
         for a in args:
@@ -55,5 +57,8 @@ class CommCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace in ("c10d", "_c10d_functional") and "wait" not in func.__name__ \
                 and "wrap_tensor" not in func.__name__:
-            self.bytes[self._dim(args)] += _nbytes(args[0])
+            dim, n = self._dim(args), _nbytes(args[0])
+            self.bytes[dim] += n
+            if "reduce" in func.__name__:
+                self.reduced[dim] += n
         return func(*args, **(kwargs or {}))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import emit
+from megatron_hope.config import load
 
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "1proc": (1, []),
@@ -69,10 +70,18 @@ def worker(argv: list[str], out: str) -> None:
         Path(out).write_text(json.dumps(records))
 
 
+def all_periods_one(config: str) -> str:
+    """An override setting every CMS level's outer period to 1: model parallelism runs without schedule-aware
+    accumulation, and every layout then trains the same thing."""
+    levels = load(config).model.cms.levels
+    return "--model.cms.levels=[" + ",".join(f"{{hidden={l.hidden},period=1,inner_chunk={l.inner_chunk}}}"
+                                             for l in levels) + "]"
+
+
 def run_layout(name: str, config: str, runs: Path, steps: int) -> list[dict]:
     nproc, extra = LAYOUTS[name]
     out = runs / f"{name}.json"
-    argv = ["--config", config, *COMMON, *extra, f"--train.train_steps={steps}", f"--train.runs_dir={runs}",
+    argv = ["--config", config, *COMMON, all_periods_one(config), *extra, f"--train.train_steps={steps}", f"--train.runs_dir={runs}",
             f"--train.run_name={name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

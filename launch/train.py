@@ -112,7 +112,7 @@ def build_model(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, Pipeline 
         pipeline = build_pipeline(model, run.cfg, mesh, run.device)
         return pipeline.model, pipeline
     if mesh is not None:
-        return apply_fsdp(model, mesh["dp"], run.cfg.parallel.reshard_after_forward), None
+        return apply_fsdp(model, mesh["dp"], run.cfg.parallel.reshard_after_forward, cms_periods(run.cfg)), None
     return model.to(run.device), None
 
 
@@ -131,11 +131,17 @@ def describe(run: Run, sharded: bool) -> list[str]:
              f"accumulation {cfg.grad_accum_steps(p.data_parallel_size)}; {t.global_batch_size * t.seq_len:,} "
              "tokens per step, "
              f"{t.train_steps} steps"]
-    periods = [lvl.period for lvl in cfg.model.cms.levels]
-    if cfg.model.arch == "hope" and any(p > 1 for p in periods):
-        lines.append(f"note: model.cms.levels periods {periods} are not applied yet; every level is updated "
-                     "at every optimizer step")
+    periods = cms_periods(cfg)
+    if periods:
+        lines.append(f"CMS levels: outer periods {periods} optimizer steps (gradients accumulate and sync per "
+                     "period)")
     return lines
+
+
+def cms_periods(cfg: Config) -> list[int] | None:
+    """The CMS levels' outer periods when any exceeds 1 (schedule-aware accumulation), else None."""
+    periods = [lvl.period for lvl in cfg.model.cms.levels] if cfg.model.arch == "hope" else []
+    return periods if any(k > 1 for k in periods) else None
 
 
 def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
@@ -145,7 +151,7 @@ def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "config.toml").write_text(to_toml(cfg))
     model, pipeline = build_model(run, mesh)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cms_periods(cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
     logger = RunLogger(run.run_dir, cfg.train.train_steps, enabled=run.is_main)
     for line in describe(run, any(isinstance(m, FSDPModule) for m in model.modules())):
@@ -158,6 +164,9 @@ def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
     trainer = trainer_class(model, optimizer, scheduler, cfg, run.device, logger,
                             training_flops_per_token(cfg.model, cfg.train.seq_len),
                             peak_flops(run.device, cfg.train.peak_flops), pipeline=pipeline)
+    if cfg.train.log_comm_bytes:
+        from benchmarks.comm_counter import CommCounter
+        trainer.comm_counter = CommCounter(mesh)
     dp_rank, dp_size = (mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None else (rank, world)
     try:
         result = trainer.fit(train_batches(cfg, dp_rank, dp_size),

@@ -137,6 +137,7 @@ class TrainConfig:
     eval_interval: int = 0  # evaluate every N steps (0: only at the end)
     eval_batches: int = 4  # validation batches of global_batch_size sequences per evaluation (0: no evaluation)
     log_interval: int = 10  # steps between metric lines
+    log_comm_bytes: bool = False  # count the bytes of every collective per step (per mesh dim) into metrics "comm"
     seed: int = 0  # model initialisation (identical on every rank)
     max_nan_steps: int = 3  # stop after this many consecutive steps with a NaN/Inf loss or gradient norm
     run_name: str = ""  # "" = <config file stem>-<date>-<time>
@@ -176,6 +177,7 @@ class OptimConfig:
     warmup_steps: int = 10
     schedule: Literal["cosine", "linear", "wsd"] = "cosine"
     decay_fraction: float = 0.2  # wsd: the last fraction of train_steps decays linearly to min_lr
+    cms_lr_period_exponent: float = 0.0  # CMS level l's lr = lr x period_l ** this (0: same lr for every level)
 
     def validate(self, train_steps: int, path: str = "optim") -> None:
         if self.lr <= 0:
@@ -341,6 +343,15 @@ class Config:
                               "micro-batches")
         if p.pipeline_model_parallel_size > 1:
             self._validate_pipeline(self.grad_accum_steps(dp))
+        periods = [lvl.period for lvl in self.model.cms.levels]
+        if self.model.arch == "hope" and any(k > 1 for k in periods):
+            unsupported = ("parallel.dp_engine = \"deepspeed\"" if p.dp_engine == "deepspeed" else
+                           "parallel.pipeline_model_parallel_size > 1" if p.pipeline_model_parallel_size > 1 else
+                           "parallel.tensor_model_parallel_size > 1" if tp > 1 else None)
+            if unsupported:
+                raise ConfigError(f"model.cms.levels periods {periods}: schedule-aware accumulation (periods > 1) "
+                                  f"runs with the FSDP2 engine without model parallelism only, not with "
+                                  f"{unsupported}; set every model.cms.levels[].period = 1 or drop {unsupported}")
         if t.seq_len > self.model.max_seq_len:
             raise ConfigError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len};"
                               " lower train.seq_len or raise model.max_seq_len")

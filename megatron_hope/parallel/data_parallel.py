@@ -19,15 +19,24 @@ def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool,
+               periods: list[int] | None = None) -> nn.Module:
     """Shard `model` in place: one FSDP unit per entry of `model.blocks` (a ModuleList, or a ModuleDict as in a
     pipeline chunk), the rest (embedding, final norm, head) in the root unit. Parameters move to the mesh's
-    device."""
+    device.
+
+    periods: the CMS levels' outer periods K_l; each level with K_l > 1 becomes a unit of its own in every block
+    (block.cms.levels[l]), whose gradient sync the trainer switches per step (training/loop.py). Such a unit keeps
+    its gathered parameters from forward to backward (reshard_after_forward=False), and between steps while its
+    sync is off, so a level is gathered and reduced once per period."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.ModuleList, nn.ModuleDict)):
         raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList or ModuleDict to shard per block")
     policy = mixed_precision(mesh.device_type)
     for block in blocks.children():
+        for level, period in enumerate(periods or []):
+            if period > 1:
+                fully_shard(block.cms.levels[level], mesh=mesh, reshard_after_forward=False, mp_policy=policy)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     return model

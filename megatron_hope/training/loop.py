@@ -7,6 +7,30 @@ over the global batch (every sequence holds the same number of targets). A step 
 NaN/Inf on any rank is skipped on all ranks (no optimizer step; the LR schedule and the data still advance);
 max_nan_steps skips in a row stop training with TrainingError. Under pipeline parallelism the step's micro-batches
 go through the pipeline schedule instead (parallel/pipeline.py), with the same loss and gradient.
+
+Schedule-aware accumulation of the CMS levels (model.cms.levels[l].period = K_l; optimizer param groups tagged
+with "period", training/optimizer.py). Steps are numbered from 1; level l is *due* at step s when s % K_l == 0.
+  * Gradients of a level accumulate locally, over the micro-batches and over the steps of its window (the K_l
+    steps ending at a due step); under FSDP2 the level is its own sharding unit whose gradient sync is off on
+    the steps where it is not due, so those steps reduce nothing for it and (its unsharded parameters being
+    kept between steps) gather nothing either. On the due step the accumulated gradient is reduced once.
+  * The accumulated gradient is divided by K_l on the due step: it is the mean of its window's K_l per-step
+    gradients (each the gradient of that step's mean loss), so its scale is a one-step gradient's.
+  * Gradient clipping and the non-finite check take the global norm over the groups due this step only;
+    pending accumulators are neither counted nor scaled (they are clipped on their own due step).
+  * Only due groups step (the others are left out of optimizer.step): a level's parameters do not change
+    between its due steps, and AdamW's per-parameter step count (bias correction) advances once per level step,
+    i.e. counts the level's own updates.
+  * Learning rate: the schedule is evaluated at the global step on which the level steps; the level's peak lr is
+    optim.lr x K_l ** optim.cms_lr_period_exponent (default exponent 0: the same lr). Weight decay is AdamW's
+    decoupled lr x weight_decay per level step, so over a run a slow level gets 1/K_l of the fast levels' decay
+    (no compensation).
+  * A skipped (non-finite) step drops the due groups' gradients; the pending accumulators are kept (a non-finite
+    contribution to them makes their own due step non-finite, which is then skipped and dropped in turn).
+  * The pending accumulators (the gradients of levels not due) and the step counter `cms_step` (from which every
+    level's phase follows) are training state: checkpoint them together with the optimizer.
+K_l = 1 for every level is the plain trainer. Not available with pipeline parallelism or the DeepSpeed engine
+(rejected by the config checks).
 """
 from __future__ import annotations
 
@@ -26,6 +50,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from megatron_hope.config import Config
 from megatron_hope.parallel.pipeline import Pipeline
 from megatron_hope.training.grad_clip import clip_grad_norm
+from megatron_hope.training.optimizer import due_groups, step_groups
 from megatron_hope.training.metrics import RunLogger, peak_memory_gib
 
 Batch = dict  # {"tokens": (B, T + 1) int64, "doc_start": (B, T) bool, ...} from the data loader
@@ -128,10 +153,33 @@ class Trainer:
     flops_per_token: float  # training FLOPs per token of the model (for MFU)
     peak_flops: float | None  # per device; None: MFU not reported
     pipeline: Pipeline | None = None  # pipeline parallelism: runs the micro-batches; model is this rank's part
+    cms_step: int = 0  # optimizer steps taken (skipped ones included): the phase of every CMS level's period
+    comm_counter: object = None  # a benchmarks.comm_counter.CommCounter: active during each step, whose bytes
+    # (all collectives, and reductions alone, per mesh dim) are logged per step as metrics group "comm"
+
+    def __post_init__(self):
+        self._periods = {g["cms_level"]: g["period"] for g in self.optimizer.param_groups
+                         if g.get("cms_level") is not None}
+        # FSDP2 units of CMS levels with a period > 1 (data_parallel.apply_fsdp), by level
+        self._level_units: list[tuple[int, nn.Module]] = []
+        if self._periods:
+            from torch.distributed.fsdp import FSDPModule
+
+            from megatron_hope.model.cms import cms_level_of
+            for name, module in self.model.named_modules():
+                level = cms_level_of(name + ".x")
+                if isinstance(module, FSDPModule) and level is not None and name.split(".")[-2:-1] == ["levels"]:
+                    self._level_units.append((level, module))
 
     def step(self, micro_batches: list[Batch]) -> tuple[float, float, bool]:
         """One optimizer step over this rank's micro-batches -> (global mean loss, grad norm, skipped)."""
         pp = self.pipeline
+        self.cms_step += 1
+        due = due_groups(self.optimizer, self.cms_step)
+        for level, unit in self._level_units:
+            is_due = self.cms_step % self._periods[level] == 0
+            unit.set_requires_gradient_sync(is_due, recurse=False)
+            unit.set_reshard_after_backward(is_due, recurse=False)
         with loss_context(self.cfg):
             if pp is None:
                 total = torch.zeros((), device=self.device)
@@ -142,13 +190,25 @@ class Trainer:
                 loss = mean_over_ranks(total / len(micro_batches))
             else:
                 loss = pp.train_step(micro_batches)
-        norm = clip_grad_norm(list(self.model.parameters()), self.cfg.optim.grad_clip,
+        due_ids = {id(p) for g in due for p in g["params"]}
+        due_params = [p for p in self.model.parameters() if id(p) in due_ids]  # in model order, as the plain trainer
+        with torch.no_grad():
+            for g in due:  # the window's summed gradients -> their mean
+                if g["period"] > 1:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.grad.div_(g["period"])
+        norm = clip_grad_norm(due_params, self.cfg.optim.grad_clip,
                               pp.norm_group if pp else None, pp.counted_elsewhere if pp else ())
         loss_value, norm_value = loss.item(), norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
         if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if len(due) == len(self.optimizer.param_groups):
+                self.optimizer.step()
+            else:
+                step_groups(self.optimizer, due)
+        for p in due_params:  # pending levels keep their accumulators
+            p.grad = None
         return loss_value, norm_value, skipped
 
     def fit(self, batches: Iterator[Batch], val_batches: Callable[[], Iterable[Batch]] | None) -> TrainResult:
@@ -162,8 +222,16 @@ class Trainer:
         for step in range(1, t.train_steps + 1):
             lr = self.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
-            loss, norm, skipped = self.step([next(batches) for _ in range(accum)])
+            counter = self.comm_counter
+            before = (dict(counter.bytes), dict(counter.reduced)) if counter is not None else None
+            micro_batches = [next(batches) for _ in range(accum)]
+            with self.comm_counter if self.comm_counter is not None else contextlib.nullcontext():
+                loss, norm, skipped = self.step(micro_batches)
             interval_seconds += time.perf_counter() - start
+            if before is not None:  # this step's bytes per mesh dim: all collectives, and reductions alone
+                sent = {f"bytes_{k}": v - before[0].get(k, 0) for k, v in counter.bytes.items()}
+                sent |= {f"reduced_bytes_{k}": v - before[1].get(k, 0) for k, v in counter.reduced.items()}
+                self.logger.scalars(step, "comm", sent)
             interval_steps += 1
             self.scheduler.step()
             result.steps.append(StepResult(step, loss, norm, lr, skipped))

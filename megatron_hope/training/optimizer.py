@@ -6,6 +6,11 @@ No decay for:
   * meta-learned initial memory states: parameters of a module whose name ends in "_init" (the mixers'
     gen_init / mem_init), which are starting points of the inner loop, not weights to shrink.
 Everything else (linear and readout matrices, conv filters) decays.
+
+CMS levels with an outer period K_l > 1 (model.cms.levels[l].period) get param groups of their own (decayed and
+not decayed), tagged "cms_level" = l and "period" = K_l; every other parameter is in the period-1 groups. The
+trainer steps a group only on steps where step % period == 0 (step_groups); see training/loop.py for the
+semantics. A level's learning rate is optim.lr x K_l ** optim.cms_lr_period_exponent (0: the same peak lr).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from torch import nn
 
 from megatron_hope.config import OptimConfig
+from megatron_hope.model.cms import cms_level_of
 
 
 def split_decay(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
@@ -29,8 +35,38 @@ def split_decay(model: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, nn
     return decay, no_decay
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, periods: list[int] | None = None) -> torch.optim.AdamW:
+    """AdamW over (decay, no decay) groups; with `periods` (K_l of each CMS level), the parameters of levels with
+    K_l > 1 in groups of their own per level."""
     decay, no_decay = split_decay(model)
-    groups = [{"params": list(decay.values()), "weight_decay": cfg.weight_decay},
-              {"params": list(no_decay.values()), "weight_decay": 0.0}]
+    periods = periods or []
+    groups = []
+    for level in [None] + [l for l, k in enumerate(periods) if k > 1]:
+        period = 1 if level is None else periods[level]
+        lr = cfg.lr * period ** cfg.cms_lr_period_exponent
+        for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            members = [p for name, p in params.items() if _group_level(name, periods) == level]
+            if members or level is None:
+                groups.append({"params": members, "weight_decay": wd, "lr": lr, "cms_level": level,
+                               "period": period})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _group_level(name: str, periods: list[int]) -> int | None:
+    level = cms_level_of(name)
+    return level if level is not None and level < len(periods) and periods[level] > 1 else None
+
+
+def due_groups(optimizer: torch.optim.Optimizer, step: int) -> list[dict]:
+    """The param groups that step at (1-based) optimizer step `step`: those whose period divides it."""
+    return [g for g in optimizer.param_groups if step % g.get("period", 1) == 0]
+
+
+def step_groups(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """optimizer.step() over `groups` only: the others' parameters, moments and step counts stay as they are."""
+    saved = optimizer.param_groups
+    optimizer.param_groups = groups
+    try:
+        optimizer.step()
+    finally:
+        optimizer.param_groups = saved

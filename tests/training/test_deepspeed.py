@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from launch.env import ProcessEnv
 from megatron_hope.config import load
@@ -19,7 +18,7 @@ from megatron_hope.parallel import deepspeed_engine
 from megatron_hope.training.metrics import RunLogger
 from megatron_hope.training.optimizer import build_optimizer
 from megatron_hope.training.schedule import lr_lambda
-from train_helpers import REPO, run_in_process, run_torchrun, tiny_run_config
+from train_helpers import REPO, NaNLoss, run_in_process, run_torchrun, tiny_run_config
 
 STEPS = 10
 # Measured over these 10 steps (dp 2 vs 1 process, all three cases): losses differ by <= 1.6e-7 relative, grad
@@ -77,20 +76,6 @@ def test_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path):
         assert torch.equal(nan["params"][-1][name], value), name
 
 
-class NaNLoss(nn.Module):
-    """Wraps a model; the loss of the forward calls numbered in `nan_calls` (0-based) is NaN while its gradient
-    stays that of the true loss."""
-
-    def __init__(self, model: nn.Module, nan_calls: set[int]):
-        super().__init__()
-        self.model, self.nan_calls, self.calls = model, nan_calls, 0
-
-    def forward(self, *args):
-        loss = self.model(*args)
-        self.calls += 1
-        return loss + float("nan") * loss.detach() if self.calls - 1 in self.nan_calls else loss
-
-
 def nan_worker(out: str) -> None:
     """Two runs on this torchrun's 2 ranks: "nan" trains on 3 steps' data with a NaN on rank 1 in step 2, "ref"
     on the same data without step 2. Saves each step's (loss, norm, skipped) and the parameters after each."""
@@ -106,7 +91,7 @@ def nan_worker(out: str) -> None:
     results = {}
     for name, nan_calls, steps in (("nan", {2} if rank == 1 else set(), data), ("ref", set(), [data[0], data[2]])):
         torch.manual_seed(0)
-        model = NaNLoss(HopeLM(cfg.model), nan_calls)
+        model = NaNLoss(HopeLM(cfg.model), nan_calls, keep_gradient=True)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
         engine = deepspeed_engine.initialize(model, optimizer, cfg, device)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from megatron_hope.config import load
 from megatron_hope.model.lm import HopeLM
@@ -15,21 +14,9 @@ from megatron_hope.training.loop import Trainer, TrainingError
 from megatron_hope.training.metrics import RunLogger
 from megatron_hope.training.optimizer import build_optimizer
 from megatron_hope.training.schedule import lr_lambda
+from train_helpers import NaNLoss
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-class InjectNaN(nn.Module):
-    """Wraps a model; the loss of the forward calls numbered in `nan_calls` (0-based) becomes NaN."""
-
-    def __init__(self, model: nn.Module, nan_calls: set[int]):
-        super().__init__()
-        self.model, self.nan_calls, self.calls = model, nan_calls, 0
-
-    def forward(self, *args):
-        loss = self.model(*args)
-        self.calls += 1
-        return loss * float("nan") if self.calls - 1 in self.nan_calls else loss
 
 
 def batches(vocab: int, seed: int = 0):
@@ -44,7 +31,7 @@ def make_trainer(nan_calls: set[int], max_nan_steps: int = 3, train_steps: int =
         f"--train.train_steps={train_steps}", f"--train.max_nan_steps={max_nan_steps}", "--train.eval_batches=0",
         "--optim.warmup_steps=0"])
     torch.manual_seed(0)
-    model = InjectNaN(HopeLM(cfg.model), nan_calls)
+    model = NaNLoss(HopeLM(cfg.model), nan_calls)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
     return Trainer(model, optimizer, scheduler, cfg, torch.device("cpu"), RunLogger(None, train_steps, False),
