@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from megatron_hope.config_base import ConfigError, load_config
+from megatron_hope.config_base import ConfigError, load_config, require_at_least
 
 Readout = Literal["after_write", "before_write", "chunk_start"]
 
@@ -30,10 +30,7 @@ class MemoryConfig:
     impl: Literal["chunked", "sequential"] = "chunked"  # sequential = the token-by-token oracle
 
     def validate(self, path: str = "model.memory") -> None:
-        if self.chunk_size < 1:
-            raise ConfigError(f"{path}.chunk_size = {self.chunk_size} must be >= 1")
-        if self.hidden_mult < 1:
-            raise ConfigError(f"{path}.hidden_mult = {self.hidden_mult} must be >= 1")
+        require_at_least(self, path, 1, ("chunk_size", "hidden_mult"))
         if self.grad_clip < 0:
             raise ConfigError(f"{path}.grad_clip = {self.grad_clip} must be >= 0 (0 turns inner-update clipping off)")
         if not 0.0 < self.eta_max <= 1.0:
@@ -60,8 +57,7 @@ class CMSConfig:
         if not self.levels:
             raise ConfigError(f"{path}.levels is empty; give at least one [[{path}.levels]] table")
         for i, lvl in enumerate(self.levels):
-            if lvl.hidden < 1:
-                raise ConfigError(f"{path}.levels[{i}].hidden = {lvl.hidden} must be >= 1")
+            require_at_least(lvl, f"{path}.levels[{i}]", 1, ("hidden",))
             if lvl.period < 1:
                 raise ConfigError(f"{path}.levels[{i}].period = {lvl.period} must be >= 1 optimizer steps")
             if lvl.inner_chunk < 0:
@@ -106,9 +102,7 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def validate(self, path: str = "model") -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 1")
+        require_at_least(self, path, 1, ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"))
         if self.d_model % self.n_heads:
             raise ConfigError(f"{path}.n_heads = {self.n_heads} does not divide {path}.d_model = {self.d_model}; "
                               f"pick n_heads among the divisors of d_model")
@@ -146,13 +140,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: one GPU per process when CUDA is available, else CPU
 
     def validate(self, path: str = "train") -> None:
-        for name in ("micro_batch_size", "global_batch_size", "seq_len", "train_steps", "log_interval",
-                     "max_nan_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 1")
-        for name in ("eval_interval", "eval_batches"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 0 (0 switches it off)")
+        require_at_least(self, path, 1, ("micro_batch_size", "global_batch_size", "seq_len", "train_steps",
+                                         "log_interval", "max_nan_steps"))
+        require_at_least(self, path, 0, ("eval_interval", "eval_batches"), " (0 switches it off)")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{path}.global_batch_size = {self.global_batch_size} is not a multiple of "
                               f"{path}.micro_batch_size = {self.micro_batch_size}")
@@ -244,10 +234,8 @@ class ParallelConfig:
     recompute_granularity: Literal["none", "selective", "full"] = "none"  # selective: the mixers' inner loop
 
     def validate(self, path: str = "parallel") -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "virtual_pipeline_model_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be >= 1")
+        require_at_least(self, path, 1, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                         "virtual_pipeline_model_parallel_size"))
         if self.data_parallel_size < 0:
             raise ConfigError(f"{path}.data_parallel_size = {self.data_parallel_size} must be >= 0 "
                               "(0 = derived from the number of processes)")

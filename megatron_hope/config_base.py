@@ -69,6 +69,14 @@ def _coerce(value: Any, tp: Any, field_path: str) -> Any:
     return value
 
 
+def require_at_least(section: Any, path: str, minimum: int, names: tuple[str, ...], hint: str = "") -> None:
+    """ConfigError naming the first of `names` whose value in `section` is below `minimum`."""
+    for name in names:
+        value = getattr(section, name)
+        if value < minimum:
+            raise ConfigError(f"{path}.{name} = {value} must be >= {minimum}{hint}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Build dataclass `cls` from `data`; unknown keys are an error naming the valid ones."""
     hints = typing.get_type_hints(cls)
