@@ -36,7 +36,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (w(x).view(B, T, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         positions = None if doc_start is None else positions_from_doc_start(doc_start)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        if doc_start is not None and doc_start[:, 1:].any():
+        if doc_start is not None:  # no host sync here: HopeLM drops doc_start when no document starts inside
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_start))
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

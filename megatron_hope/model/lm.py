@@ -81,6 +81,10 @@ class HopeLM(nn.Module):
         targets given, the CMS levels also learn in-sequence (forward_inner_updates)."""
         if targets is not None and self.cfg.cms.inner_updates:
             return self.forward_inner_updates(tokens, targets, doc_start)[1]
+        if doc_start is not None and not doc_start[:, 1:].any():
+            # one host sync per forward instead of one per layer: with no document starting inside the
+            # sequence, attention takes its causal kernel and the memories skip their reset paths
+            doc_start = None
         x = self.embed(tokens)
         for block in self.blocks:
             x, _ = block(x, doc_start)
