@@ -65,9 +65,15 @@ def _dataset(cfg: Config, field: str, split: str, loop: bool, rank: int, world: 
     return PackedTokenDataset(loader, dp_rank=rank, dp_size=world)
 
 
-def train_batches(cfg: Config, rank: int, world: int) -> Iterator[dict]:
-    """This rank's training micro-batches, endlessly (epoch after epoch)."""
-    return iter(_dataset(cfg, "train_manifest", "train", True, rank, world).loader(cfg.data.num_workers))
+def train_dataset(cfg: Config, rank: int, world: int) -> PackedTokenDataset:
+    """This rank's training data, endless (epoch after epoch); iterate `train_batches(cfg, dataset)`. Its
+    state_dict() is the run's position in the data (a checkpoint restores it before the iteration starts)."""
+    return _dataset(cfg, "train_manifest", "train", True, rank, world)
+
+
+def train_batches(cfg: Config, dataset: PackedTokenDataset) -> Iterator[dict]:
+    """The micro-batches of `dataset` from its current position."""
+    return iter(dataset.loader(cfg.data.num_workers))
 
 
 def val_batches(cfg: Config, rank: int, world: int) -> Callable[[], Iterable[dict]]:

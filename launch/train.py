@@ -4,13 +4,20 @@ Runs as one process, or as several under `torchrun --nproc_per_node=N` (FSDP2 da
 ZeRO-1/2 with parallel.dp_engine = "deepspeed"; pipeline stages with parallel.pipeline_model_parallel_size > 1).
 The config is loaded and checked, data included, before any process group starts; a bad value stops every
 rank with one message naming the field. Rank 0 writes runs_dir/run_name/: config.toml (the resolved config),
-train.log, metrics.jsonl and tensorboard/.
+train.log, metrics.jsonl and tensorboard/; every rank writes checkpoints/ (checkpoint.save_interval).
+
+`--resume auto` continues run_name from its newest valid checkpoint (a fresh start when it has none);
+`--resume DIR` starts from the checkpoint DIR, in any parallel layout. SIGUSR1 or SIGTERM saves a checkpoint at
+the end of the current step and stops with exit status 75; under SLURM the job is requeued first, and the
+requeued job resumes with --resume auto.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +27,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 
+from checkpoints.errors import CheckpointError
+from checkpoints.manager import CheckpointManager
+from checkpoints.state import TrainingState
 from data_pipeline.errors import DataPipelineError
-from launch.data import check_data, train_batches, val_batches
+from launch.data import check_data, train_batches, train_dataset, val_batches
 from launch.env import ProcessEnv
+from launch.slurm_requeue import requeue_current_job
+from launch.stop import EXIT_STOPPED, StopRequest
 from megatron_hope.config import Config, load
 from megatron_hope.config_base import ConfigError, to_toml
 from megatron_hope.model.lm import HopeLM
@@ -35,7 +47,7 @@ from megatron_hope.parallel.recompute import apply_recompute
 from megatron_hope.parallel.tensor_parallel import apply_tensor_parallel
 from megatron_hope.training.loop import Trainer, TrainingError, TrainResult
 from megatron_hope.training.metrics import RunLogger, peak_flops
-from megatron_hope.training.optimizer import build_optimizer
+from megatron_hope.training.optimizer import build_optimizer, init_state
 from megatron_hope.training.schedule import lr_lambda
 
 
@@ -57,7 +69,11 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0],
                                      epilog="Any other --section.field=value overrides the config file.")
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/quickstart.toml")
+    parser.add_argument("--resume", help="\"auto\" (this run's newest valid checkpoint) or a checkpoint directory;"
+                        " sets checkpoint.resume")
     args, overrides = parser.parse_known_args(argv)
+    if args.resume is not None:
+        overrides.append(f"--checkpoint.resume={args.resume}")
     return args.config, overrides
 
 
@@ -77,9 +93,9 @@ def run_directory(cfg: Config, config_path: str) -> Path:
     """runs_dir/run_name; without a name, <config stem>-<date>-<time>[-N], the first that is free."""
     runs = Path(cfg.train.runs_dir)
     if cfg.train.run_name:
-        if (runs / cfg.train.run_name).exists():
-            raise ConfigError(f"train.run_name: {runs / cfg.train.run_name} already exists; choose another name "
-                              "or remove it")
+        if (runs / cfg.train.run_name).exists() and cfg.checkpoint.resume != "auto":
+            raise ConfigError(f"train.run_name: {runs / cfg.train.run_name} already exists; continue it with "
+                              "--resume auto, or choose another name")
         return runs / cfg.train.run_name
     base = f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, n = runs / base, 1
@@ -144,11 +160,12 @@ def cms_periods(cfg: Config) -> list[int] | None:
     return periods if any(k > 1 for k in periods) else None
 
 
-def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
-    """Build everything and train; `mesh` is start_process_group's."""
+def train(run: Run, mesh: DeviceMesh | None, stop: StopRequest | None = None) -> tuple[nn.Module, TrainResult]:
+    """Build everything, resume if asked, and train; `mesh` is start_process_group's; `stop` catches the stop
+    signals (installed here if not given)."""
     cfg, rank, world = run.cfg, run.env.rank, run.env.world_size
     if run.is_main:
-        run.run_dir.mkdir(parents=True)
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.toml").write_text(to_toml(cfg))
     model, pipeline = build_model(run, mesh)
     optimizer = build_optimizer(model, cfg.optim, cms_periods(cfg))
@@ -161,6 +178,8 @@ def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
         model = deepspeed_engine.initialize(model, optimizer, cfg, run.device)
         trainer_class = deepspeed_engine.DeepSpeedTrainer
         logger.message(f"data parallelism: DeepSpeed ZeRO-{cfg.parallel.zero_stage}")
+    else:
+        init_state(optimizer)
     trainer = trainer_class(model, optimizer, scheduler, cfg, run.device, logger,
                             training_flops_per_token(cfg.model, cfg.train.seq_len),
                             peak_flops(run.device, cfg.train.peak_flops), pipeline=pipeline)
@@ -168,12 +187,42 @@ def train(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, TrainResult]:
         from benchmarks.comm_counter import CommCounter
         trainer.comm_counter = CommCounter(mesh)
     dp_rank, dp_size = (mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None else (rank, world)
+    dataset = train_dataset(cfg, dp_rank, dp_size)
+    state = TrainingState(cfg, model, optimizer, scheduler, trainer, dataset, rank, world)
+    checkpoints = CheckpointManager(run.run_dir, cfg.checkpoint, logger.message)
     try:
-        result = trainer.fit(train_batches(cfg, dp_rank, dp_size),
-                             val_batches(cfg, dp_rank, dp_size) if cfg.train.eval_batches else None)
+        if cfg.checkpoint.resume:
+            resume_from = checkpoints.find(cfg.checkpoint.resume)
+            if resume_from is not None:
+                checkpoints.load(state, resume_from)
+            else:
+                logger.message(f"no checkpoint in {checkpoints.root}: starting at step 0")
+        result = trainer.fit(train_batches(cfg, dataset),
+                             val_batches(cfg, dp_rank, dp_size) if cfg.train.eval_batches else None,
+                             after_step=checkpoint_policy(run, state, checkpoints, stop or StopRequest()))
+        checkpoints.wait()
     finally:
         logger.close()
     return model, result
+
+
+def checkpoint_policy(run: Run, state: TrainingState, checkpoints: CheckpointManager,
+                      stop: StopRequest) -> Callable[[int], bool]:
+    """The trainer's after_step: save every checkpoint.save_interval steps and after the last step (async when
+    configured); save at once (blocking) and stop when a stop signal reached any rank, or at train.stop_at_step."""
+    ck, last = run.cfg.checkpoint, run.cfg.train.train_steps
+
+    def after_step(step: int) -> bool:
+        stopping = stop.agreed(run.device) or step == run.cfg.train.stop_at_step
+        if stopping or (ck.save_interval and step % ck.save_interval == 0) or (ck.save_final and step == last):
+            blocked = checkpoints.save(state, blocking=stopping)
+            state.trainer.logger.scalars(step, "checkpoint", {"blocking_s": blocked})
+        if stopping:
+            reason = "train.stop_at_step" if not stop.requested else f"stop signal ({stop.signal or 'another rank'})"
+            state.trainer.logger.message(f"step {step}: {reason}; checkpoint saved, stopping")
+        return stopping
+
+    return after_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,15 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataPipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    stop = StopRequest()
     mesh = start_process_group(run)
     try:
-        _, result = train(run, mesh)
-    except TrainingError as e:
+        _, result = train(run, mesh, stop)
+    except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if stop.requested:
+        if run.is_main and requeue_current_job(os.environ):
+            print("stopped by a signal after saving a checkpoint; the SLURM job is requeued")
+        return EXIT_STOPPED
     if run.is_main:
         if result.val_loss is not None:
             print(f"val loss: {result.val_loss:.4f}")

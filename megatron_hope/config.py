@@ -134,6 +134,7 @@ class TrainConfig:
     log_comm_bytes: bool = False  # count the bytes of every collective per step (per mesh dim) into metrics "comm"
     seed: int = 0  # model initialisation (identical on every rank)
     max_nan_steps: int = 3  # stop after this many consecutive steps with a NaN/Inf loss or gradient norm
+    stop_at_step: int = 0  # save a checkpoint and stop after this step, keeping the schedule of train_steps (0: off)
     run_name: str = ""  # "" = <config file stem>-<date>-<time>
     runs_dir: str = "runs"
     peak_flops: float = 0.0  # per device, for MFU; 0 = from the CUDA device name, or a nominal CPU figure
@@ -142,7 +143,7 @@ class TrainConfig:
     def validate(self, path: str = "train") -> None:
         require_at_least(self, path, 1, ("micro_batch_size", "global_batch_size", "seq_len", "train_steps",
                                          "log_interval", "max_nan_steps"))
-        require_at_least(self, path, 0, ("eval_interval", "eval_batches"), " (0 switches it off)")
+        require_at_least(self, path, 0, ("eval_interval", "eval_batches", "stop_at_step"), " (0 switches it off)")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{path}.global_batch_size = {self.global_batch_size} is not a multiple of "
                               f"{path}.micro_batch_size = {self.micro_batch_size}")
@@ -220,6 +221,25 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded checkpoints in runs_dir/run_name/checkpoints/step_NNNNNNNN/ (checkpoints/ package)."""
+
+    save_interval: int = 0  # save every N steps (0: only at the end and on a stop signal)
+    save_final: bool = True  # save after the last step
+    keep_last: int = 3  # keep the newest K checkpoints (0: keep all)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N (0: none)
+    async_save: bool = True  # training continues while the shards are written (DCP async_save)
+    verify_on_load: bool = True  # check every file's size and sha256 against the manifest before loading
+    resume: str = ""  # "": a fresh run; "auto": this run's newest valid checkpoint, if any; or a checkpoint dir
+
+    def validate(self, path: str = "checkpoint") -> None:
+        require_at_least(self, path, 0, ("save_interval", "keep_last", "keep_every"), " (0 switches it off)")
+        if self.resume not in ("", "auto") and not Path(self.resume).is_dir():
+            raise ConfigError(f"{path}.resume = {self.resume!r} is neither \"auto\" nor a checkpoint directory; "
+                              "give runs/NAME/checkpoints/step_NNNNNNNN, \"auto\" or \"\" for a fresh run")
+
+
+@dataclass
 class ParallelConfig:
     """Megatron's names for the parallel sizes; the data-parallel size is what the world size leaves."""
 
@@ -268,6 +288,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         """Checks that hold for any use of the config (presets without data included)."""
@@ -276,6 +297,7 @@ class Config:
         self.optim.validate(self.train.train_steps)
         self.data.validate()
         self.parallel.validate()
+        self.checkpoint.validate()
 
     def grad_accum_steps(self, dp_size: int) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * dp_size)

@@ -27,8 +27,9 @@ with "period", training/optimizer.py). Steps are numbered from 1; level l is *du
     (no compensation).
   * A skipped (non-finite) step drops the due groups' gradients; the pending accumulators are kept (a non-finite
     contribution to them makes their own due step non-finite, which is then skipped and dropped in turn).
-  * The pending accumulators (the gradients of levels not due) and the step counter `cms_step` (from which every
-    level's phase follows) are training state: checkpoint them together with the optimizer.
+  * The pending accumulators (the gradients of levels not due: pending_gradients()) and the step counter
+    `steps_done` (from which every level's phase follows) are training state, saved in checkpoints with the
+    optimizer (checkpoints/state.py).
 K_l = 1 for every level is the plain trainer. Not available with pipeline parallelism or the DeepSpeed engine
 (rejected by the config checks).
 """
@@ -73,6 +74,7 @@ class StepResult:
 class TrainResult:
     steps: list[StepResult] = field(default_factory=list)
     val_loss: float | None = None  # of the final evaluation
+    stopped_early: bool = False  # a stop request ended training before train.train_steps
 
     @property
     def perplexity(self) -> float | None:
@@ -153,7 +155,8 @@ class Trainer:
     flops_per_token: float  # training FLOPs per token of the model (for MFU)
     peak_flops: float | None  # per device; None: MFU not reported
     pipeline: Pipeline | None = None  # pipeline parallelism: runs the micro-batches; model is this rank's part
-    cms_step: int = 0  # optimizer steps taken (skipped ones included): the phase of every CMS level's period
+    steps_done: int = 0  # optimizer steps taken (skipped ones included); the phase of every CMS level's period
+    nan_run: int = 0  # consecutive non-finite steps up to steps_done
     comm_counter: object = None  # a benchmarks.comm_counter.CommCounter: active during each step, whose bytes
     # (all collectives, and reductions alone, per mesh dim) are logged per step as metrics group "comm"
 
@@ -174,10 +177,10 @@ class Trainer:
     def step(self, micro_batches: list[Batch]) -> tuple[float, float, bool]:
         """One optimizer step over this rank's micro-batches -> (global mean loss, grad norm, skipped)."""
         pp = self.pipeline
-        self.cms_step += 1
-        due = due_groups(self.optimizer, self.cms_step)
+        self.steps_done += 1
+        due = due_groups(self.optimizer, self.steps_done)
         for level, unit in self._level_units:
-            is_due = self.cms_step % self._periods[level] == 0
+            is_due = self.steps_done % self._periods[level] == 0
             unit.set_requires_gradient_sync(is_due, recurse=False)
             unit.set_reshard_after_backward(is_due, recurse=False)
         with loss_context(self.cfg):
@@ -211,15 +214,56 @@ class Trainer:
             p.grad = None
         return loss_value, norm_value, skipped
 
-    def fit(self, batches: Iterator[Batch], val_batches: Callable[[], Iterable[Batch]] | None) -> TrainResult:
-        """Run train.train_steps steps on `batches` (this rank's micro-batches); evaluate every eval_interval
-        steps and at the end on a fresh `val_batches()` iterable (None: no evaluation)."""
+    def pending_gradients(self) -> dict[str, torch.Tensor]:
+        """This rank's pending accumulators by parameter name: the local (not yet reduced, unsharded) gradient
+        sums of the CMS levels that are not due at step steps_done + 1 ... , i.e. whose window is open."""
+        pending = {}
+        for name, p in self._pending_parameters():
+            if p.grad is not None:
+                pending[name] = p.grad.detach()
+        return pending
+
+    def restore_pending_gradients(self, pending: dict[str, torch.Tensor]) -> None:
+        """Put pending accumulators (pending_gradients() of a checkpoint) back, before the next step."""
+        params = dict(self._pending_parameters())
+        unknown = sorted(set(pending) - set(params))
+        if unknown:
+            raise TrainingError(f"the checkpoint holds pending CMS gradients for {unknown[:3]}, which are not "
+                                "pending in this run; resume with the model.cms.levels periods it was saved with")
+        with torch.no_grad():
+            for name, grad in pending.items():
+                p = params[name]
+                if p.shape != grad.shape:
+                    raise TrainingError(f"pending CMS gradient {name}: shape {tuple(grad.shape)} in the checkpoint, "
+                                        f"{tuple(p.shape)} here")
+                p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
+
+    def _pending_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the levels whose period does not end at steps_done: the plain parameters, or,
+        under FSDP2, the unit's gathered parameters, which hold its local accumulated gradient between steps."""
+        open_levels = {lvl for lvl, k in self._periods.items() if self.steps_done % k}
+        if self._level_units:
+            found = []
+            for name, unit in self.model.named_modules():
+                if unit in [u for lvl, u in self._level_units if lvl in open_levels]:
+                    unit.unshard()  # a no-op while its sync is off; after a reshard, gathers the same values
+                    found += [(f"{name}.{n}", p) for n, p in unit.named_parameters()]
+            return found
+        from megatron_hope.model.cms import cms_level_of
+        return [(n, p) for n, p in self.model.named_parameters() if cms_level_of(n) in open_levels]
+
+    def fit(self, batches: Iterator[Batch], val_batches: Callable[[], Iterable[Batch]] | None,
+            after_step: Callable[[int], bool] | None = None) -> TrainResult:
+        """Run steps steps_done + 1 ... train.train_steps on `batches` (this rank's micro-batches); evaluate every
+        eval_interval steps and at the end on a fresh `val_batches()` iterable (None: no evaluation).
+        after_step(step) runs after each step (checkpointing); when it returns True, training stops there
+        (result.stopped_early) without the final evaluation."""
         t = self.cfg.train
         accum = self.cfg.grad_accum_steps(self.dp_size)
         tokens_per_step = t.global_batch_size * t.seq_len
-        result, nan_run = TrainResult(), 0
+        result = TrainResult()
         interval_seconds, interval_steps = 0.0, 0
-        for step in range(1, t.train_steps + 1):
+        for step in range(self.steps_done + 1, t.train_steps + 1):
             lr = self.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             counter = self.comm_counter
@@ -238,21 +282,24 @@ class Trainer:
             self.logger.advance(loss)
             self.logger.scalars(step, "train", {"loss": loss, "lr": lr, "grad_norm": norm})
             if skipped:
-                nan_run += 1
+                self.nan_run += 1
                 self.logger.message(f"step {step}: loss {loss}, grad norm {norm}: not finite, update skipped "
-                                    f"({nan_run} in a row, limit train.max_nan_steps = {t.max_nan_steps})")
-                if nan_run >= t.max_nan_steps:
+                                    f"({self.nan_run} in a row, limit train.max_nan_steps = {t.max_nan_steps})")
+                if self.nan_run >= t.max_nan_steps:
                     raise TrainingError(
-                        f"{nan_run} consecutive steps (up to step {step}) had a NaN/Inf loss or gradient norm; "
+                        f"{self.nan_run} consecutive steps (up to step {step}) had a NaN/Inf loss or gradient norm; "
                         f"stopping (train.max_nan_steps = {t.max_nan_steps}). Lower optim.lr, raise "
                         "optim.warmup_steps or set optim.grad_clip, and check the data")
             else:
-                nan_run = 0
+                self.nan_run = 0
             if step % t.log_interval == 0 or step == t.train_steps:
                 self._log_throughput(step, loss, norm, lr, tokens_per_step * interval_steps / interval_seconds)
                 interval_seconds, interval_steps = 0.0, 0
             if val_batches is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
                 self._evaluate(step, val_batches)
+            if after_step is not None and after_step(step):
+                result.stopped_early = True
+                return result
         if val_batches is not None:
             result.val_loss = self._evaluate(t.train_steps, val_batches)
         return result

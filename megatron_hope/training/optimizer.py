@@ -70,3 +70,17 @@ def step_groups(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
         optimizer.step()
     finally:
         optimizer.param_groups = saved
+
+
+def init_state(optimizer: torch.optim.AdamW) -> None:
+    """Create AdamW's per-parameter state now, exactly as its lazy first step would (step 0 on the CPU, zero
+    moments shaped and sharded like the parameter), so that a checkpoint holds the same entries whichever CMS
+    levels have stepped yet and loads into a freshly built optimizer entry for entry."""
+    for group in optimizer.param_groups:
+        if group["fused"] or group["capturable"] or group["amsgrad"]:
+            raise ValueError("init_state mirrors the default AdamW (not fused, capturable or amsgrad)")
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0, dtype=torch.get_default_dtype()),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
