@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from checkpoints.errors import CheckpointError
 from data_pipeline.dataset import PackedTokenDataset
 from megatron_hope.config import Config
+from megatron_hope.parallel import deepspeed_engine
 from megatron_hope.training.loop import Trainer
 
 RUN_STATE = "run_state.json"
@@ -59,7 +60,9 @@ class Layout:
 
 @dataclass
 class TrainingState:
-    """The live objects of a run whose state a checkpoint saves and restores."""
+    """The live objects of a run whose state a checkpoint saves and restores. With the DeepSpeed engine, `model`
+    is the engine and the tensors go through parallel/deepspeed_engine.py in the same names, so that checkpoints
+    convert between FSDP2 and DeepSpeed on load."""
 
     cfg: Config
     model: nn.Module  # the trained module (FSDP2-sharded, tensor-parallel, or this rank's pipeline stages)
@@ -78,6 +81,8 @@ class TrainingState:
 
     def tensors(self) -> dict[str, Any]:
         """The DCP state dict: {"model": {name: tensor}, "optim": {"state": {name: {"step", "exp_avg", ...}}}}."""
+        if self.cfg.parallel.dp_engine == "deepspeed":
+            return deepspeed_engine.checkpoint_tensors(self.model)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": {"state": optim_sd["state"]}}
 
@@ -103,11 +108,15 @@ class TrainingState:
         """Restore everything from the checkpoint in `directory` (run_state: its run_state.json;
         read_tensors(state_dict): fills a DCP state dict in place). Returns notes for the log."""
         notes = []
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        target = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
-        read_tensors(target)
-        set_state_dict(self.model, self.optimizer, model_state_dict=target["model"],
-                       optim_state_dict={"state": target["optim"]["state"], "param_groups": optim_sd["param_groups"]})
+        if self.cfg.parallel.dp_engine == "deepspeed":
+            deepspeed_engine.load_checkpoint_tensors(self.model, read_tensors)
+        else:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            target = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+            read_tensors(target)
+            set_state_dict(self.model, self.optimizer, model_state_dict=target["model"],
+                           optim_state_dict={"state": target["optim"]["state"],
+                                             "param_groups": optim_sd["param_groups"]})
         self.scheduler.load_state_dict(run_state["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr

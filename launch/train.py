@@ -178,6 +178,7 @@ def train(run: Run, mesh: DeviceMesh | None, stop: StopRequest | None = None) ->
         model = deepspeed_engine.initialize(model, optimizer, cfg, run.device)
         trainer_class = deepspeed_engine.DeepSpeedTrainer
         logger.message(f"data parallelism: DeepSpeed ZeRO-{cfg.parallel.zero_stage}")
+        deepspeed_engine.init_optimizer_state(model)
     else:
         init_state(optimizer)
     trainer = trainer_class(model, optimizer, scheduler, cfg, run.device, logger,

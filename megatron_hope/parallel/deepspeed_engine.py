@@ -13,6 +13,7 @@ which defaults here to the checkout's ignored .cache/torch_extensions.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from megatron_hope.config import Config
 from megatron_hope.training.loop import Batch, Trainer, batch_loss, mean_over_ranks
+from megatron_hope.training.optimizer import init_state
 
 EXTENSIONS_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
 
@@ -75,6 +77,53 @@ def full_fp32_state_dict(engine: nn.Module) -> dict[str, torch.Tensor]:
             for name in engine.module.state_dict()}
 
 
+def init_optimizer_state(engine: nn.Module) -> None:
+    """AdamW's state on DeepSpeed's flat fp32 partitions, created now exactly as its first step would
+    (training.optimizer.init_state), so that a checkpoint loads before any step and always has every entry."""
+    init_state(engine.optimizer.optimizer)
+    engine.optimizer._lazy_init_hp_params_optimizer_state()  # links each parameter to its moments' fragments
+
+
+def _group_steps(engine: nn.Module) -> dict[int, torch.Tensor]:
+    """AdamW's step count of each parameter (by id): the count of its ZeRO group's flat fp32 partition."""
+    zero = engine.optimizer
+    return {id(p): zero.optimizer.state[zero.single_partition_of_fp32_groups[i]]["step"]
+            for i, group in enumerate(zero.bit16_groups) for p in group}
+
+
+def checkpoint_tensors(engine: nn.Module) -> dict:
+    """The engine-neutral checkpoint tensors (checkpoints/state.py), full and unsharded: {"model": fp32 master
+    parameters by state-dict name, "optim": {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}}}, the optimizer
+    state under each parameter's first name, as torch.distributed.checkpoint.state_dict names it for FSDP2. A
+    collective (every rank gathers the full tensors; the checkpoint writer keeps one copy)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    steps = _group_steps(engine)
+    state = {name: {"step": steps[id(p)].clone(),
+                    "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu(),
+                    "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu()}
+             for name, p in engine.module.named_parameters()}
+    return {"model": full_fp32_state_dict(engine), "optim": {"state": state}}
+
+
+def load_checkpoint_tensors(engine: nn.Module, read: Callable[[dict], None]) -> None:
+    """Fill checkpoint_tensors()'s layout from a checkpoint (`read` loads it in place) and set the engine's
+    master parameters, module parameters, moments and step counts from it."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    target = checkpoint_tensors(engine)
+    read(target)
+    steps = _group_steps(engine)
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            full, saved = target["model"][name], target["optim"]["state"][name]
+            safe_set_full_fp32_param(p, full)
+            p.copy_(full)  # ZeRO-1/2 keep the whole module on every rank
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, saved[key], key)
+            steps[id(p)].copy_(saved["step"])  # one count per ZeRO group: all its parameters stepped together
+
+
 class DeepSpeedTrainer(Trainer):
     """The Trainer with `model` a DeepSpeed engine and `optimizer` its client optimizer (for the LR schedule).
 
@@ -86,6 +135,7 @@ class DeepSpeedTrainer(Trainer):
 
     def step(self, micro_batches: list[Batch]) -> tuple[float, float, bool]:
         engine = self.model
+        self.steps_done += 1
         if len(micro_batches) != engine.gradient_accumulation_steps():
             raise ValueError(f"{len(micro_batches)} micro-batches, but DeepSpeed accumulates "
                              f"{engine.gradient_accumulation_steps()}")

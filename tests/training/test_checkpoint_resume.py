@@ -47,3 +47,14 @@ def test_resume_fsdp2_dp2_is_bit_identical(data, tmp_path):
     first = run_torchrun(common + ["--train.run_name=split", "--train.stop_at_step=3"], tmp_path / "first.pt")
     second = run_torchrun(common + ["--train.run_name=split", "--resume=auto"], tmp_path / "second.pt")
     assert_identical(straight, first["steps"] + second["steps"], second)
+
+
+def test_resume_deepspeed_zero2_is_bit_identical(data, tmp_path):
+    config = tiny_run_config(tmp_path / "run.toml", data, tmp_path / "runs")
+    common = [f"--config={config}", "--train.train_steps=4", "--parallel.dp_engine=deepspeed",
+              "--parallel.zero_stage=2"]
+    straight = run_torchrun(common + ["--train.run_name=straight", "--checkpoint.save_final=false"],
+                            tmp_path / "straight.pt")
+    first = run_torchrun(common + ["--train.run_name=split", "--train.stop_at_step=2"], tmp_path / "first.pt")
+    second = run_torchrun(common + ["--train.run_name=split", "--resume=auto"], tmp_path / "second.pt")
+    assert_identical(straight, first["steps"] + second["steps"], second)
