@@ -187,6 +187,8 @@ def train(run: Run, mesh: DeviceMesh | None, stop: StopRequest | None = None) ->
     if cfg.train.log_comm_bytes:
         from benchmarks.comm_counter import CommCounter
         trainer.comm_counter = CommCounter(mesh)
+        if cfg.parallel.dp_engine == "fsdp2" and mesh is not None:
+            trainer.comm_counter.count_fsdp_units(model)
     dp_rank, dp_size = (mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None else (rank, world)
     dataset = train_dataset(cfg, dp_rank, dp_size)
     state = TrainingState(cfg, model, optimizer, scheduler, trainer, dataset, rank, world)
@@ -218,6 +220,8 @@ def checkpoint_policy(run: Run, state: TrainingState, checkpoints: CheckpointMan
         if stopping or (ck.save_interval and step % ck.save_interval == 0) or (ck.save_final and step == last):
             blocked = checkpoints.save(state, blocking=stopping)
             state.trainer.logger.scalars(step, "checkpoint", {"blocking_s": blocked})
+            mode = "async" if ck.async_save and not stopping else "sync"
+            state.trainer.logger.message(f"step {step}: checkpoint ({mode}) blocked training {blocked:.3f} s")
         if stopping:
             reason = "train.stop_at_step" if not stop.requested else f"stop signal ({stop.signal or 'another rank'})"
             state.trainer.logger.message(f"step {step}: {reason}; checkpoint saved, stopping")

@@ -131,7 +131,8 @@ class TrainConfig:
     eval_interval: int = 0  # evaluate every N steps (0: only at the end)
     eval_batches: int = 4  # validation batches of global_batch_size sequences per evaluation (0: no evaluation)
     log_interval: int = 10  # steps between metric lines
-    log_comm_bytes: bool = False  # count the bytes of every collective per step (per mesh dim) into metrics "comm"
+    log_comm_bytes: bool = False  # count the bytes of every collective per step (per mesh dim, and FSDP2 gradient
+    # reductions per parameter group) into metrics "comm"
     seed: int = 0  # model initialisation (identical on every rank)
     max_nan_steps: int = 3  # stop after this many consecutive steps with a NaN/Inf loss or gradient norm
     stop_at_step: int = 0  # save a checkpoint and stop after this step, keeping the schedule of train_steps (0: off)

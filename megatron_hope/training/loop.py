@@ -158,7 +158,8 @@ class Trainer:
     steps_done: int = 0  # optimizer steps taken (skipped ones included); the phase of every CMS level's period
     nan_run: int = 0  # consecutive non-finite steps up to steps_done
     comm_counter: object = None  # a benchmarks.comm_counter.CommCounter: active during each step, whose bytes
-    # (all collectives, and reductions alone, per mesh dim) are logged per step as metrics group "comm"
+    # (all collectives, and reductions alone, per mesh dim; FSDP2 gradient reductions per parameter group) are
+    # logged per step as metrics group "comm"
 
     def __post_init__(self):
         self._periods = {g["cms_level"]: g["period"] for g in self.optimizer.param_groups
@@ -267,7 +268,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             start = time.perf_counter()
             counter = self.comm_counter
-            before = (dict(counter.bytes), dict(counter.reduced)) if counter is not None else None
+            before = ((dict(counter.bytes), dict(counter.reduced), dict(counter.by_group)) if counter is not None
+                      else None)
             micro_batches = [next(batches) for _ in range(accum)]
             with self.comm_counter if self.comm_counter is not None else contextlib.nullcontext():
                 loss, norm, skipped = self.step(micro_batches)
@@ -275,6 +277,7 @@ class Trainer:
             if before is not None:  # this step's bytes per mesh dim: all collectives, and reductions alone
                 sent = {f"bytes_{k}": v - before[0].get(k, 0) for k, v in counter.bytes.items()}
                 sent |= {f"reduced_bytes_{k}": v - before[1].get(k, 0) for k, v in counter.reduced.items()}
+                sent |= {f"reduced_bytes_group_{k}": v - before[2].get(k, 0) for k, v in counter.by_group.items()}
                 self.logger.scalars(step, "comm", sent)
             interval_steps += 1
             self.scheduler.step()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import dump_run
-from train_helpers import REPO, run_in_process, tiny_run_config
+from train_helpers import REPO, run_in_process, run_torchrun, tiny_run_config
 
 STEPS, KILLS = 60, 20
 
@@ -69,3 +69,35 @@ def test_sigkill_at_random_points_resumes_to_the_same_parameters(data, tmp_path)
     for name, value in straight["params"].items():
         assert torch.equal(resumed["params"][name], value), name
     print(f"{kills} kills, {inside_save} inside a save")
+
+
+def test_stop_signal_saves_stops_and_resumes_exactly(data, tmp_path):
+    """SIGUSR1 (SLURM's warning before the time limit) under torchrun: every rank saves at the end of the same
+    step and exits with status 75; --resume auto then ends where the uninterrupted run ends, bit for bit."""
+    config = tiny_run_config(tmp_path / "run.toml", data, tmp_path / "runs")
+    common = [f"--config={config}", "--train.train_steps=40", "--train.eval_batches=0"]
+    straight = run_torchrun(common + ["--train.run_name=straight", "--checkpoint.save_final=false"],
+                            tmp_path / "straight.pt")
+    run_dir = tmp_path / "runs" / "signalled"
+    argv = common + ["--train.run_name=signalled", "--resume=auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "launch.train", *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while train_records(run_dir) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "launch.train"], capture_output=True, text=True)
+    rank0 = int(workers.stdout.split()[0])  # one rank is signalled; the other learns it from the step's vote
+    os.kill(rank0, signal.SIGUSR1)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0  # torchrun reports the workers' status 75 as a failure
+    assert "exitcode  : 75" in output, output[-3000:]
+    stopped_at = train_records(run_dir)
+    assert 3 <= stopped_at < 40
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "manifest.json").is_file()
+    resumed = run_torchrun(argv, tmp_path / "resumed.pt")
+    assert resumed["steps"][0]["step"] == stopped_at + 1
+    assert [s["loss"] for s in resumed["steps"]] == [s["loss"] for s in straight["steps"][stopped_at:]]
+    for name, value in straight["params"].items():
+        assert torch.equal(resumed["params"][name], value), name

@@ -195,6 +195,11 @@ def test_dp2_with_periods_matches_one_process_and_counts_the_bytes(periods_refer
     extra = {got_bytes - want for got_bytes, want in zip(reduced, expected)}
     assert len(extra) == 1 and 0 < extra.pop() <= 8, (reduced, expected)
     assert reduced[3] - reduced[0] == per_level[1] > 0  # level 1 is reduced on step 4 only
+    # per parameter group, counted in each FSDP2 unit's reduce-scatter: the gradient bytes above, split by group
+    comm = [r for r in records if r["group"] == "comm"]
+    assert [r["reduced_bytes_group_period1"] for r in comm] == [every] * 5
+    assert [r.get("reduced_bytes_group_cms_level1", 0) for r in comm] == [0, 0, 0, per_level[1], 0]
+    assert [r.get("reduced_bytes_group_cms_level2", 0) for r in comm] == [0] * 5  # K = 16 is not due in 5 steps
 
 
 def test_slow_levels_are_bit_identical_between_boundaries_under_dp2(periods_reference):
