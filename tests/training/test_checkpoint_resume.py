@@ -58,3 +58,14 @@ def test_resume_deepspeed_zero2_is_bit_identical(data, tmp_path):
     first = run_torchrun(common + ["--train.run_name=split", "--train.stop_at_step=2"], tmp_path / "first.pt")
     second = run_torchrun(common + ["--train.run_name=split", "--resume=auto"], tmp_path / "second.pt")
     assert_identical(straight, first["steps"] + second["steps"], second)
+
+
+def test_resuming_another_model_is_refused_naming_the_difference(data, tmp_path):
+    from checkpoints.errors import CheckpointError
+
+    config = tiny_run_config(tmp_path / "run.toml", data, tmp_path / "runs")
+    common = [f"--config={config}", "--train.train_steps=2", "--train.eval_batches=0"]
+    run_in_process(common + ["--train.run_name=small"], tmp_path / "small.pt")
+    with pytest.raises(CheckpointError, match=r"model.n_layers: 2 saved, 3 now"):
+        run_in_process(common + ["--train.run_name=small", "--resume=auto", "--model.n_layers=3"],
+                       tmp_path / "big.pt")
