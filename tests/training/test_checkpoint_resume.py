@@ -39,23 +39,16 @@ def test_resume_single_process_is_bit_identical(data, tmp_path, async_save):
     assert_identical(straight, first["steps"] + second["steps"], second)
 
 
-def test_resume_fsdp2_dp2_is_bit_identical(data, tmp_path):
-    config = tiny_run_config(tmp_path / "run.toml", data, tmp_path / "runs", periods=(1, 2, 4))
-    common = [f"--config={config}", "--train.train_steps=6"]
+@pytest.mark.parametrize("periods,engine", [((1, 2, 4), []),
+                                            ((1, 1, 1), ["--parallel.dp_engine=deepspeed", "--parallel.zero_stage=2"])],
+                         ids=["fsdp2_cms_periods", "deepspeed_zero2"])
+def test_resume_on_two_processes_is_bit_identical(data, tmp_path, periods, engine):
+    """dp2: FSDP2 with CMS levels mid-period at the stop (pending accumulators on each rank), and DeepSpeed."""
+    config = tiny_run_config(tmp_path / "run.toml", data, tmp_path / "runs", periods=periods)
+    common = [f"--config={config}", "--train.train_steps=6", *engine]
     straight = run_torchrun(common + ["--train.run_name=straight", "--checkpoint.save_final=false"],
                             tmp_path / "straight.pt")
     first = run_torchrun(common + ["--train.run_name=split", "--train.stop_at_step=3"], tmp_path / "first.pt")
-    second = run_torchrun(common + ["--train.run_name=split", "--resume=auto"], tmp_path / "second.pt")
-    assert_identical(straight, first["steps"] + second["steps"], second)
-
-
-def test_resume_deepspeed_zero2_is_bit_identical(data, tmp_path):
-    config = tiny_run_config(tmp_path / "run.toml", data, tmp_path / "runs")
-    common = [f"--config={config}", "--train.train_steps=4", "--parallel.dp_engine=deepspeed",
-              "--parallel.zero_stage=2"]
-    straight = run_torchrun(common + ["--train.run_name=straight", "--checkpoint.save_final=false"],
-                            tmp_path / "straight.pt")
-    first = run_torchrun(common + ["--train.run_name=split", "--train.stop_at_step=2"], tmp_path / "first.pt")
     second = run_torchrun(common + ["--train.run_name=split", "--resume=auto"], tmp_path / "second.pt")
     assert_identical(straight, first["steps"] + second["steps"], second)
 
