@@ -198,6 +198,7 @@ def train(run: Run, mesh: DeviceMesh | None, stop: StopRequest | None = None) ->
             resume_from = checkpoints.find(cfg.checkpoint.resume)
             if resume_from is not None:
                 checkpoints.load(state, resume_from)
+                logger.start_at(trainer.steps_done)
             else:
                 logger.message(f"no checkpoint in {checkpoints.root}: starting at step 0")
         result = trainer.fit(train_batches(cfg, dataset),

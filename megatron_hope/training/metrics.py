@@ -70,6 +70,11 @@ class RunLogger:
             self.jsonl.write(json.dumps({"step": step, "group": group, **values}) + "\n")
             self.jsonl.flush()
 
+    def start_at(self, step: int) -> None:
+        """A resumed run: the progress bar counts from `step`."""
+        if self.enabled:
+            self.bar.update(step)
+
     def advance(self, loss: float) -> None:
         if self.enabled:
             self.bar.update(1)
