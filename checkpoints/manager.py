@@ -18,6 +18,7 @@ from checkpoints.layout import checkpoints_root, prune, publish, remove_partial,
     step_name, temporary_dir
 from checkpoints.manifest import problems, write_manifest
 from checkpoints.safe_reader import SafeFileSystemReader
+from checkpoints.staging import ReusedBufferStager
 from checkpoints.state import CONFIG, RUN_STATE, TrainingState, barrier
 from megatron_hope.config import CheckpointConfig, ModelConfig
 from megatron_hope.config_base import from_dict, to_toml
@@ -34,6 +35,7 @@ class CheckpointManager:
         self.log = log
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.stager = ReusedBufferStager()  # async saves stage into the same CPU buffers every time
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -58,7 +60,8 @@ class CheckpointManager:
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True)
         no_dist = self.group is None
         if self.cfg.async_save and not blocking:
-            future = dcp.async_save(state.tensors(), storage_writer=writer, process_group=self.group, no_dist=no_dist)
+            future = dcp.async_save(state.tensors(), storage_writer=writer, process_group=self.group, no_dist=no_dist,
+                                    async_stager=self.stager)
             future = getattr(future, "upload_completion", future)  # AsyncSaveResponse or Future
             self._thread = threading.Thread(target=self._finish, args=(future, tmp, step), daemon=True,
                                             name=f"checkpoint-{step_name(step)}")
