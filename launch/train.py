@@ -1,7 +1,8 @@
 """Train a model: `python -m launch.train --config configs/X.toml [--section.field=value ...]`.
 
-Runs as one process, or as several under `torchrun --nproc_per_node=N` (FSDP2 data parallelism, or DeepSpeed
-ZeRO-1/2 with parallel.dp_engine = "deepspeed"; pipeline stages with parallel.pipeline_model_parallel_size > 1).
+Runs as one process, or as several under torchrun, the deepspeed launcher, srun or an MPI launcher (launch/env.py
+detects which; slurm/ has the batch scripts): FSDP2 data parallelism, or DeepSpeed ZeRO-1/2 with
+parallel.dp_engine = "deepspeed"; tensor and pipeline parallelism with their parallel.* sizes.
 The config is loaded and checked, data included, before any process group starts; a bad value stops every
 rank with one message naming the field. Rank 0 writes runs_dir/run_name/: config.toml (the resolved config),
 train.log, metrics.jsonl and tensorboard/; every rank writes checkpoints/ (checkpoint.save_interval).
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0],
                                      epilog="Any other --section.field=value overrides the config file.")
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/quickstart.toml")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     parser.add_argument("--resume", help="\"auto\" (this run's newest valid checkpoint) or a checkpoint directory;"
                         " sets checkpoint.resume")
     args, overrides = parser.parse_known_args(argv)
@@ -109,11 +111,11 @@ def start_process_group(run: Run) -> DeviceMesh | None:
     """The ("pp", "dp", "tp") mesh for several ranks, or for CUDA (FSDP2 provides the bf16 mixed precision even on
     one rank); None for a lone CPU process, which trains the plain model, and for DeepSpeed, which wraps it."""
     if run.cfg.parallel.dp_engine == "deepspeed":
-        deepspeed_engine.init_distributed(run.env.rank, run.env.world_size, run.device)
+        deepspeed_engine.init_distributed(run.env.rank, run.env.world_size, run.device, run.cfg.train.dist_timeout_s)
         return None
     if run.env.world_size == 1 and run.device.type == "cpu":
         return None
-    return init_mesh(run.cfg.parallel, run.env.rank, run.env.world_size, run.device)
+    return init_mesh(run.cfg.parallel, run.env.rank, run.env.world_size, run.device, run.cfg.train.dist_timeout_s)
 
 
 def build_model(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, Pipeline | None]:
@@ -233,7 +235,9 @@ def checkpoint_policy(run: Run, state: TrainingState, checkpoints: CheckpointMan
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run = prepare(argv, ProcessEnv.from_environ())
+        env = ProcessEnv.from_environ()
+        env.export()
+        run = prepare(argv, env)
     except (ConfigError, DataPipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -135,6 +135,7 @@ class TrainConfig:
     # reductions per parameter group) into metrics "comm"
     seed: int = 0  # model initialisation (identical on every rank)
     max_nan_steps: int = 3  # stop after this many consecutive steps with a NaN/Inf loss or gradient norm
+    dist_timeout_s: int = 600  # a collective that waits longer than this fails the run instead of hanging
     stop_at_step: int = 0  # save a checkpoint and stop after this step, keeping the schedule of train_steps (0: off)
     run_name: str = ""  # "" = <config file stem>-<date>-<time>
     runs_dir: str = "runs"
@@ -143,7 +144,7 @@ class TrainConfig:
 
     def validate(self, path: str = "train") -> None:
         require_at_least(self, path, 1, ("micro_batch_size", "global_batch_size", "seq_len", "train_steps",
-                                         "log_interval", "max_nan_steps"))
+                                         "log_interval", "max_nan_steps", "dist_timeout_s"))
         require_at_least(self, path, 0, ("eval_interval", "eval_batches", "stop_at_step"), " (0 switches it off)")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{path}.global_batch_size = {self.global_batch_size} is not a multiple of "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from megatron_hope.training.optimizer import init_state
 EXTENSIONS_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "torch_extensions"
 
 
-def init_distributed(rank: int, world_size: int, device: torch.device) -> None:
+def init_distributed(rank: int, world_size: int, device: torch.device, timeout_s: float = 600) -> None:
     """Start the default process group (gloo on CPU, nccl on CUDA) and hand it to DeepSpeed; a lone process
     without torchrun gets an in-memory store."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_CACHE))
@@ -41,8 +42,9 @@ def init_distributed(rank: int, world_size: int, device: torch.device) -> None:
     if world_size == 1 and not dist.is_torchelastic_launched():
         store = dist.HashStore()
         os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts that a launcher set it
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
-    deepspeed.init_distributed(dist_backend=backend)  # adopts the group above
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))  # adopts the group
 
 
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
