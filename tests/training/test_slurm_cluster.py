@@ -1,0 +1,185 @@
+"""Training on a real two-node SLURM cluster that this module starts (slurm/ci_cluster.sh: Debian's slurm-wlm
+and munge, two slurmd in their own network and UTS namespaces): jobs rendered and submitted by launch.submit.
+
+(1) a 2-node torchrun job reproduces the single-process run; (2) a job signalled with USR1 checkpoints, requeues
+itself, resumes and ends with the parameters of the uninterrupted job, bit for bit; (3) one rank killed mid-run
+ends the whole job in under 30 s; (4) an mpi4py-bootstrapped job (srun --mpi=pmix) reproduces the single-process
+run. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run installs them)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints.export import read_model
+from checkpoints.layout import read_latest
+from train_helpers import REPO, assert_same_run, run_in_process, tiny_run_config
+
+STEPS = 40
+CLUSTER = REPO / "slurm" / "ci_cluster.sh"
+
+
+def why_no_cluster() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, munge, slurmd)"
+    for tool in ("slurmctld", "slurmd", "munged", "sbatch", "ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            return f"{tool} is not installed (bash slurm/ci_cluster.sh install, as .ci/run does)"
+    probe = subprocess.run(["ip", "netns", "add", "hope-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"network namespaces are not available here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "hope-probe"], capture_output=True)
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = why_no_cluster()
+    if reason:
+        pytest.skip(reason)
+    up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr[-3000:]
+    yield
+    subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def setup(data, tmp_path_factory):
+    """The tiny run's config (STEPS steps, no final evaluation) and its single-process reference."""
+    root = tmp_path_factory.mktemp("slurm")
+    config = tiny_run_config(root / "tiny.toml", data, root / "runs")
+    argv = ["--config", str(config), f"--train.train_steps={STEPS}", "--train.eval_batches=0"]
+    return root, config, run_in_process(argv + ["--train.run_name=ref"], root / "ref.pt")
+
+
+def submit(root: Path, config: Path, name: str, template: str = "torchrun", steps: int = STEPS) -> str:
+    cmd = [sys.executable, "-m", "launch.submit", "--config", str(config), "--nodes", "2", "--template", template,
+           "--job-name", name, "--time", "00:10:00", "--output", str(root / "%x-%j.out"),
+           f"--train.runs_dir={root / 'runs'}", f"--train.train_steps={steps}", "--train.eval_batches=0"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def job_state(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def wait_job(job: str, timeout: float = 240) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_state(job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(0.5)
+    subprocess.run(["scancel", job])
+    raise AssertionError(f"job {job} did not end within {timeout} s: {job_state(job)}")
+
+
+def job_result(root: Path, name: str, job: str) -> dict:
+    """The job's per-step records and its final parameters (from its newest checkpoint), as dump_run gives."""
+    run_dir = root / "runs" / f"{name}-{job}"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: {"step": r["step"], "loss": r["loss"], "grad_norm": r["grad_norm"], "lr": r["lr"],
+                         "skipped": False} for r in records if r["group"] == "train"}
+    params = read_model(read_latest(run_dir / "checkpoints"))
+    return {"steps": [steps[s] for s in sorted(steps)], "params": params, "val_loss": None}
+
+
+def output(root: Path, name: str, job: str) -> str:
+    path = root / f"{name}-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no output file)"
+
+
+def assert_matches_reference(ref: dict, got: dict) -> None:
+    assert_same_run({**ref, "val_loss": None}, got, steps=STEPS, param_atol=5e-6)
+
+
+@pytest.fixture(scope="module")
+def straight_job(cluster, setup):
+    root, config, _ = setup
+    job = submit(root, config, "straight")
+    state = wait_job(job)
+    assert state["JobState"] == "COMPLETED", output(root, "straight", job)
+    return job_result(root, "straight", job)
+
+
+def test_two_node_torchrun_job_matches_one_process(setup, straight_job):
+    assert_matches_reference(setup[2], straight_job)
+
+
+def test_mpi4py_bootstrapped_job_matches_one_process(cluster, setup):
+    root, config, ref = setup
+    job = submit(root, config, "mpi", template="mpi")
+    state = wait_job(job)
+    assert state["JobState"] == "COMPLETED", output(root, "mpi", job)
+    assert_matches_reference(ref, job_result(root, "mpi", job))
+
+
+def train_steps_logged(run_dir: Path) -> int:
+    try:
+        return sum('"group": "train"' in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_steps(run_dir: Path, job: str, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while train_steps_logged(run_dir) < count:
+        assert time.monotonic() < deadline, f"no {count} steps in {timeout} s: {job_state(job)}"
+        time.sleep(0.1)
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes_exactly(setup, straight_job):
+    root, config, _ = setup
+    job = submit(root, config, "signalled")
+    run_dir = root / "runs" / f"signalled-{job}"
+    wait_for_steps(run_dir, job, 3)
+    # what --signal=USR1@T does before the time limit, now: USR1 to the job's step processes
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    state = wait_job(job, timeout=300)
+    log = output(root, "signalled", job)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log
+    assert "restart 1" in log
+    assert "stop signal" in (run_dir / "train.log").read_text()
+    resumed = job_result(root, "signalled", job)
+    assert resumed["params"].keys() == straight_job["params"].keys()
+    for name, value in straight_job["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+
+
+def test_one_rank_killed_ends_the_job_within_30_seconds(setup, cluster):
+    root, config, _ = setup
+    job = submit(root, config, "killed", steps=100000)
+    wait_for_steps(root / "runs" / f"killed-{job}", job, 2)
+    victim = next(pid for pid in worker_pids() if rank_of(pid) == 1)
+    os.kill(victim, signal.SIGKILL)
+    start = time.monotonic()
+    state = wait_job(job, timeout=60)
+    took = time.monotonic() - start
+    print(f"job ended {took:.1f} s after rank 1 was killed ({state['JobState']})")
+    assert state["JobState"] in ("FAILED", "CANCELLED") and took < 30, (took, state)
+
+
+def worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "-x", r".*python.* -m launch\.train .*"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in environ if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
