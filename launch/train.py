@@ -143,7 +143,7 @@ def describe(run: Run, sharded: bool) -> list[str]:
     if p.tensor_model_parallel_size > 1:
         pipeline += (f" | tensor parallel {p.tensor_model_parallel_size}"
                      f"{' + sequence parallel' if p.sequence_parallel else ''}")
-    lines = [f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | {world} process(es) on "
+    lines = [f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | {world} process(es) ({run.env.launcher} launch) on "
              f"{run.device.type}{' with FSDP2' if sharded else ''}{pipeline}",
              f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x dp {p.data_parallel_size} x "
              f"accumulation {cfg.grad_accum_steps(p.data_parallel_size)}; {t.global_batch_size * t.seq_len:,} "

@@ -5,13 +5,17 @@ Run as a script under torchrun, this file is the NaN run's worker (see nan_worke
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from launch.env import ProcessEnv
+import dump_run
+from launch.env import ProcessEnv, free_port
 from megatron_hope.config import load
 from megatron_hope.model.lm import HopeLM
 from megatron_hope.parallel import deepspeed_engine
@@ -49,6 +53,10 @@ def test_zero_on_two_processes_matches_one_process(reference, tmp_path, stage, m
     got = run_torchrun(argv + [f"--train.run_name=zero{stage}-mb{micro_batch}", "--parallel.dp_engine=deepspeed",
                                f"--parallel.zero_stage={stage}", f"--train.micro_batch_size={micro_batch}"],
                        tmp_path / "ds.pt")
+    assert_matches(ref, got)
+
+
+def assert_matches(ref: dict, got: dict) -> None:
     assert [s["skipped"] for s in got["steps"]] == [s["skipped"] for s in ref["steps"]] == [False] * STEPS
     for key in ("loss", "grad_norm", "lr"):
         torch.testing.assert_close(torch.tensor([s[key] for s in got["steps"]], dtype=torch.float64),
@@ -58,6 +66,20 @@ def test_zero_on_two_processes_matches_one_process(reference, tmp_path, stage, m
     for name, value in ref["params"].items():
         torch.testing.assert_close(got["params"][name], value, rtol=0, atol=PARAM_ATOL,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_deepspeed_launcher_runs_the_engine_on_two_local_processes(reference, tmp_path):
+    """`deepspeed --num_gpus 2` (its launcher sets RANK/WORLD_SIZE/LOCAL_RANK and passes --local_rank): the
+    environment is detected as the deepspeed launcher's and the run matches the single-process one."""
+    argv, ref = reference
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), dump_run.__file__, *argv,
+           "--train.run_name=ds-launcher", "--parallel.dp_engine=deepspeed", "--out", str(tmp_path / "ds.pt")]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = torch.load(tmp_path / "ds.pt")
+    assert "2 process(es) (deepspeed launch)" in (Path(got["run_dir"]) / "train.log").read_text()
+    assert_matches(ref, got)
 
 
 def test_nan_loss_on_one_rank_skips_the_step_on_both(tmp_path):

@@ -111,6 +111,7 @@ def straight_job(cluster, setup):
     job = submit(root, config, "straight")
     state = wait_job(job)
     assert state["JobState"] == "COMPLETED", output(root, "straight", job)
+    assert "2 process(es) (torchrun launch)" in (root / "runs" / f"straight-{job}" / "train.log").read_text()
     return job_result(root, "straight", job)
 
 
@@ -123,6 +124,7 @@ def test_mpi4py_bootstrapped_job_matches_one_process(cluster, setup):
     job = submit(root, config, "mpi", template="mpi")
     state = wait_job(job)
     assert state["JobState"] == "COMPLETED", output(root, "mpi", job)
+    assert "2 process(es) (mpi launch)" in (root / "runs" / f"mpi-{job}" / "train.log").read_text()
     assert_matches_reference(ref, job_result(root, "mpi", job))
 
 
