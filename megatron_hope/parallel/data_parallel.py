@@ -40,3 +40,47 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool,
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     return model
+
+
+def _fsdp_params(unit: nn.Module) -> list[tuple[str, object]]:
+    """(name relative to `unit`, FSDPParam) of an FSDP2 unit's own parameters. FSDPParam is FSDP2's internal
+    per-parameter record (torch.distributed.fsdp._fully_shard), the only place its accumulated gradients live."""
+    names = {module: name for name, module in unit.named_modules()}
+    group = unit._get_fsdp_state()._fsdp_param_group
+    params = group.fsdp_params if group is not None else []
+    return [(".".join(filter(None, (names[fp._module_info.module], fp._module_info.param_name))), fp) for fp in params]
+
+
+def accumulated_gradients(unit: nn.Module) -> dict[str, torch.Tensor]:
+    """The local gradients an FSDP2 unit has accumulated while its gradient sync was off, unsharded, by
+    parameter name: in the reduce dtype (fp32) under mixed precision, where FSDP2 keeps them beside the
+    parameter; on the gathered parameter's .grad otherwise."""
+    unit.unshard()  # a no-op while gathered (sync off keeps it so); after a reshard, gathers the same values
+    found = {}
+    for name, fp in _fsdp_params(unit):
+        grad = fp.unsharded_accumulated_grad
+        if grad is None:
+            grad = fp.unsharded_param.grad
+        if grad is not None:
+            found[name] = grad.detach()
+    return found
+
+
+def set_accumulated_gradients(unit: nn.Module, grads: dict[str, torch.Tensor]) -> None:
+    """Put accumulated_gradients() back into an FSDP2 unit (e.g. from a checkpoint), before its next backward."""
+    unit.unshard()
+    params = dict(_fsdp_params(unit))
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise KeyError(f"no parameters {unknown} in this FSDP2 unit")
+    with torch.no_grad():
+        for name, grad in grads.items():
+            fp = params[name]
+            target = fp.unsharded_param
+            if tuple(grad.shape) != tuple(target.shape):
+                raise ValueError(f"{name}: accumulated gradient of shape {tuple(grad.shape)}, parameter "
+                                 f"{tuple(target.shape)}")
+            if fp.param_dtype is not None and fp.param_dtype != fp.reduce_dtype:  # mixed precision
+                fp.unsharded_accumulated_grad = grad.to(device=target.device, dtype=fp.reduce_dtype).clone()
+            else:
+                target.grad = grad.to(device=target.device, dtype=target.dtype).clone()

@@ -49,6 +49,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megatron_hope.config import Config
+from megatron_hope.parallel.data_parallel import accumulated_gradients, set_accumulated_gradients
 from megatron_hope.parallel.pipeline import Pipeline
 from megatron_hope.training.grad_clip import clip_grad_norm
 from megatron_hope.training.optimizer import due_groups, step_groups
@@ -217,40 +218,51 @@ class Trainer:
 
     def pending_gradients(self) -> dict[str, torch.Tensor]:
         """This rank's pending accumulators by parameter name: the local (not yet reduced, unsharded) gradient
-        sums of the CMS levels that are not due at step steps_done + 1 ... , i.e. whose window is open."""
-        pending = {}
-        for name, p in self._pending_parameters():
-            if p.grad is not None:
-                pending[name] = p.grad.detach()
-        return pending
+        sums of the CMS levels whose period does not end at steps_done, i.e. whose window is open."""
+        if self._level_units:
+            return {f"{name}.{n}": g for name, unit in self._open_units() for n, g in accumulated_gradients(unit).items()}
+        return {n: p.grad.detach() for n, p in self._open_plain_parameters() if p.grad is not None}
 
     def restore_pending_gradients(self, pending: dict[str, torch.Tensor]) -> None:
         """Put pending accumulators (pending_gradients() of a checkpoint) back, before the next step."""
-        params = dict(self._pending_parameters())
-        unknown = sorted(set(pending) - set(params))
-        if unknown:
-            raise TrainingError(f"the checkpoint holds pending CMS gradients for {unknown[:3]}, which are not "
-                                "pending in this run; resume with the model.cms.levels periods it was saved with")
+        if self._level_units:
+            units = dict(self._open_units())
+            by_unit = {name: {} for name in units}
+            for key, grad in pending.items():
+                unit = next((u for u in units if key.startswith(u + ".")), None)
+                if unit is None:
+                    raise self._not_pending(key)
+                by_unit[unit][key.removeprefix(unit + ".")] = grad
+            for name, grads in by_unit.items():
+                set_accumulated_gradients(units[name], grads)
+            return
+        params = dict(self._open_plain_parameters())
         with torch.no_grad():
             for name, grad in pending.items():
+                if name not in params:
+                    raise self._not_pending(name)
                 p = params[name]
                 if p.shape != grad.shape:
                     raise TrainingError(f"pending CMS gradient {name}: shape {tuple(grad.shape)} in the checkpoint, "
                                         f"{tuple(p.shape)} here")
                 p.grad = grad.to(device=p.device, dtype=p.dtype).clone()
 
-    def _pending_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(name, parameter) of the levels whose period does not end at steps_done: the plain parameters, or,
-        under FSDP2, the unit's gathered parameters, which hold its local accumulated gradient between steps."""
-        open_levels = {lvl for lvl, k in self._periods.items() if self.steps_done % k}
-        if self._level_units:
-            found = []
-            for name, unit in self.model.named_modules():
-                if unit in [u for lvl, u in self._level_units if lvl in open_levels]:
-                    unit.unshard()  # a no-op while its sync is off; after a reshard, gathers the same values
-                    found += [(f"{name}.{n}", p) for n, p in unit.named_parameters()]
-            return found
+    @staticmethod
+    def _not_pending(name: str) -> TrainingError:
+        return TrainingError(f"the checkpoint holds a pending CMS gradient for {name}, which is not pending in this "
+                             "run; resume with the model.cms.levels periods it was saved with")
+
+    def _open_levels(self) -> set[int]:
+        return {lvl for lvl, k in self._periods.items() if self.steps_done % k}
+
+    def _open_units(self) -> list[tuple[str, nn.Module]]:
+        """(name, FSDP2 unit) of the levels whose window is open."""
+        units = [u for lvl, u in self._level_units if lvl in self._open_levels()]
+        return [(name, m) for name, m in self.model.named_modules() if m in units]
+
+    def _open_plain_parameters(self) -> list[tuple[str, nn.Parameter]]:
         from megatron_hope.model.cms import cms_level_of
+        open_levels = self._open_levels()
         return [(n, p) for n, p in self.model.named_parameters() if cms_level_of(n) in open_levels]
 
     def fit(self, batches: Iterator[Batch], val_batches: Callable[[], Iterable[Batch]] | None,

@@ -24,10 +24,14 @@ def test_torchrun_and_deepspeed_launcher():
     assert ProcessEnv.from_environ(deepspeed).launcher == "deepspeed"
 
 
+# What SLURM 22.05 sets (measured on the test cluster, job of 2 nodes x 1 task): the batch script and an srun task.
+BATCH_SHELL = {"SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+               "SLURM_LOCALID": "0"}
+SRUN_TASK_1 = {**BATCH_SHELL, "SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n[1-2]"}
+
+
 def test_slurm_srun_takes_the_first_node_as_master():
-    environ = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
-               "SLURM_JOB_ID": "12345"}
-    env = ProcessEnv.from_environ(environ, first_host=lambda nodes: {"n[1-2]": "n1"}[nodes])
+    env = ProcessEnv.from_environ(SRUN_TASK_1, first_host=lambda nodes: {"n[1-2]": "n1"}[nodes])
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (1, 2, 0, "slurm")
     assert (env.master_addr, env.master_port) == ("n1", 20000 + 12345 % 20000)
     exported: dict[str, str] = {}
@@ -61,9 +65,23 @@ def test_mpi_rank_comes_from_the_communicator_and_the_address_from_rank_0():
 @pytest.mark.parametrize("environ,message", [
     ({"RANK": "0"}, "not \\['LOCAL_RANK', 'WORLD_SIZE'\\]"),
     ({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "outside"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, "SLURM_LOCALID"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, "SLURM_LOCALID"),
+    (BATCH_SHELL, "batch script or salloc shell of SLURM job 12345"),  # would wait for a rank 1 forever
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"}, "salloc shell"),
     ({"RANK": "a", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "must be integers"),
 ])
 def test_incomplete_environments_are_named(environ, message):
     with pytest.raises(ConfigError, match=message):
         ProcessEnv.from_environ(environ, first_host=lambda nodes: "n1")
+
+
+def test_slurm_master_is_the_first_node_of_the_step():
+    """`srun -w n2 ...` in a job on n1 and n2: task 0 runs on n2, the first node of the step, not of the job."""
+    environ = {**SRUN_TASK_1, "SLURM_STEP_NODELIST": "n2", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
+    env = ProcessEnv.from_environ(environ, first_host=lambda nodes: {"n2": "n2", "n[1-2]": "n1"}[nodes])
+    assert (env.world_size, env.master_addr) == (1, "n2")
+
+
+def test_one_task_batch_script_is_one_process():
+    environ = {**BATCH_SHELL, "SLURM_NTASKS": "1"}
+    assert ProcessEnv.from_environ(environ, first_host=lambda nodes: "n1") == ProcessEnv()

@@ -29,10 +29,12 @@ def saved(data, tmp_path_factory):
 
 @pytest.mark.parametrize("layout,nproc", [([], 4),
                                           (["--parallel.pipeline_model_parallel_size=2"], 2),
-                                          ([], 1)], ids=["dp4", "pp2", "one_process"])
+                                          (["--parallel.tensor_model_parallel_size=2"], 2),
+                                          ([], 1)], ids=["dp4", "pp2", "tp2", "one_process"])
 def test_tp2_pp2_checkpoint_resumes_in_another_layout(saved, tmp_path, layout, nproc):
     common, ref, checkpoint = saved
-    argv = common + layout + [f"--train.run_name=from_tp2pp2_{nproc}", f"--resume={checkpoint}"]
+    argv = common + layout + [f"--train.runs_dir={tmp_path}/runs", "--train.run_name=from_tp2pp2",
+                              f"--resume={checkpoint}"]
     got = (run_torchrun(argv, tmp_path / "got.pt", nproc=nproc) if nproc > 1
            else run_in_process(argv, tmp_path / "got.pt"))
     assert [s["step"] for s in got["steps"]] == list(range(STOP + 1, STEPS + 1))

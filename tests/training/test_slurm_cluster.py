@@ -4,7 +4,8 @@ and munge, two slurmd in their own network and UTS namespaces): jobs rendered an
 (1) a 2-node torchrun job reproduces the single-process run; (2) a job signalled with USR1 checkpoints, requeues
 itself, resumes and ends with the parameters of the uninterrupted job, bit for bit; (3) one rank killed mid-run
 ends the whole job in under 30 s; (4) an mpi4py-bootstrapped job (srun --mpi=pmix) reproduces the single-process
-run. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run installs them)."""
+run, and so does a plain `srun python -m launch.train` job; training started in the batch script itself (not a
+task) is refused at once. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run installs them)."""
 from __future__ import annotations
 
 import json
@@ -128,6 +129,39 @@ def test_mpi4py_bootstrapped_job_matches_one_process(cluster, setup):
     assert_matches_reference(ref, job_result(root, "mpi", job))
 
 
+def sbatch_wrap(root: Path, name: str, command: str) -> str:
+    """A 2-node job (one task per node) whose batch script is `command`, run from the repository."""
+    cmd = ["sbatch", "--parsable", f"--job-name={name}", "--nodes=2", "--ntasks-per-node=1", "--time=10",
+           f"--output={root / '%x-%j.out'}", f"--chdir={REPO}", "--wrap", command]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip().split(";")[0]
+
+
+def train_command(root: Path, config: Path, name: str) -> str:
+    return (f"{sys.executable} -m launch.train --config {config} --train.run_name={name}-$SLURM_JOB_ID "
+            f"--train.runs_dir={root / 'runs'} --train.train_steps={STEPS} --train.eval_batches=0")
+
+
+def test_plain_srun_job_matches_one_process(cluster, setup):
+    """`srun python -m launch.train`, no torchrun, no MPI: rank, size and rendezvous from SLURM's variables."""
+    root, config, ref = setup
+    job = sbatch_wrap(root, "srun", "srun --kill-on-bad-exit=1 " + train_command(root, config, "srun"))
+    state = wait_job(job)
+    assert state["JobState"] == "COMPLETED", output(root, "srun", job)
+    assert "2 process(es) (slurm launch)" in (root / "runs" / f"srun-{job}" / "train.log").read_text()
+    assert_matches_reference(ref, job_result(root, "srun", job))
+
+
+def test_training_in_the_batch_script_itself_is_refused(cluster, setup):
+    """The batch script of a 2-task job has SLURM_PROCID=0 and SLURM_NTASKS=2 but is no task of it: launching
+    there must fail at once, not wait dist_timeout_s for a rank 1 that never starts."""
+    root, config, _ = setup
+    job = sbatch_wrap(root, "batch", train_command(root, config, "batch"))
+    state = wait_job(job, timeout=60)
+    assert (state["JobState"], state["ExitCode"]) == ("FAILED", "2:0"), output(root, "batch", job)
+    assert "batch script or salloc shell of SLURM job" in output(root, "batch", job)
+
+
 def train_steps_logged(run_dir: Path) -> int:
     try:
         return sum('"group": "train"' in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -164,7 +198,7 @@ def test_one_rank_killed_ends_the_job_within_30_seconds(setup, cluster):
     root, config, _ = setup
     job = submit(root, config, "killed", steps=100000)
     wait_for_steps(root / "runs" / f"killed-{job}", job, 2)
-    victim = next(pid for pid in worker_pids() if rank_of(pid) == 1)
+    victim = next(pid for pid in worker_pids() if job_and_rank(pid) == (job, 1))
     os.kill(victim, signal.SIGKILL)
     start = time.monotonic()
     state = wait_job(job, timeout=60)
@@ -178,10 +212,14 @@ def worker_pids() -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def rank_of(pid: int) -> int | None:
+def job_and_rank(pid: int) -> tuple[str, int] | None:
+    """A torchrun worker's (SLURM_JOB_ID, RANK) from its environment; None for any other process (another test's
+    launch.train workers on this machine have no job id, or another one)."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    ranks = [int(e.split(b"=", 1)[1]) for e in environ if e.startswith(b"RANK=")]
-    return ranks[0] if ranks else None
+    environ = dict(e.split("=", 1) for e in entries if "=" in e)
+    if "SLURM_JOB_ID" not in environ or "RANK" not in environ:
+        return None
+    return environ["SLURM_JOB_ID"], int(environ["RANK"])

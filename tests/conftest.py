@@ -1,18 +1,25 @@
-"""Fixtures for the trainer tests: a tiny tokenizer and prepared shards made with the data_pipeline APIs."""
+"""Fixtures shared by the test directories: the synthetic corpus that training runs read (tests/training,
+tests/checkpoints). tests/training holds the run helpers (train_helpers, dump_run); it is put on sys.path so that
+every directory imports them the same way."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import PrepareConfig, prepare
-from data_pipeline.tokenizer import train_tokenizer
-from train_helpers import make_documents
+TRAINING = Path(__file__).resolve().parent / "training"
+if str(TRAINING) not in sys.path:
+    sys.path.insert(0, str(TRAINING))
 
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory) -> dict[str, Path]:
     """{"tokenizer": dir, "manifest": manifest.json} of a synthetic corpus: 320-token BPE, a few shards."""
+    from data_pipeline.prepare import PrepareConfig, prepare
+    from data_pipeline.tokenizer import train_tokenizer
+    from train_helpers import make_documents  # imported here: it imports the trainer, which most tests never use
+
     root = tmp_path_factory.mktemp("train_data")
     corpus = root / "corpus"
     corpus.mkdir()
