@@ -6,8 +6,11 @@ environment, detected in this order:
   * MPI (OMPI_COMM_WORLD_RANK, PMIX_RANK or PMI_RANK, e.g. `srun --mpi=pmix` or mpirun): rank and size from
     mpi4py's COMM_WORLD, the local rank from its shared-memory split; rank 0 broadcasts its address and a free
     port (MASTER_ADDR/MASTER_PORT in the environment take precedence).
-  * SLURM (`srun python -m launch.train`): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR is the first
-    host of `scontrol show hostnames $SLURM_JOB_NODELIST`, MASTER_PORT 20000 + SLURM_JOB_ID % 20000.
+  * SLURM (`srun python -m launch.train`; an srun task has SLURM_STEP_ID): SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID; MASTER_ADDR is the first host of `scontrol show hostnames` of the step's nodes
+    (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST), MASTER_PORT 20000 + SLURM_JOB_ID % 20000. A job's batch script
+    or salloc shell (SLURM_PROCID=0 and SLURM_NTASKS > 1 there too, but no SLURM_STEP_ID) is refused: a process
+    started there would wait for ranks that never start.
   * none of these: one process.
 export() writes RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT into the environment, so that
 torch.distributed's env:// rendezvous works the same under every launcher. An incomplete environment is a
@@ -48,8 +51,13 @@ class ProcessEnv:
             return cls._torch(environ)
         if any(n in environ for n in MPI_MARKERS):
             return cls._mpi(environ, mpi_comm)
-        if any(n in environ for n in SLURM_VARS[:2]):
+        if "SLURM_STEP_ID" in environ:
             return cls._slurm(environ, first_host or scontrol_first_host)
+        if environ.get("SLURM_NTASKS", "1") != "1":
+            raise ConfigError(f"this is the batch script or salloc shell of SLURM job {environ.get('SLURM_JOB_ID')} "
+                              f"(SLURM_NTASKS={environ['SLURM_NTASKS']}, no SLURM_STEP_ID), not one of its tasks: "
+                              "start the ranks with `srun python -m launch.train ...` or torchrun under srun "
+                              "(slurm/*.sbatch), or one process with `srun --ntasks=1 python -m launch.train ...`")
         return cls()
 
     @classmethod
@@ -68,10 +76,11 @@ class ProcessEnv:
     def _slurm(cls, environ: Mapping[str, str], first_host: Callable[[str], str]) -> ProcessEnv:
         missing = [n for n in SLURM_VARS if n not in environ]
         if missing:
-            raise ConfigError(f"SLURM_PROCID/SLURM_NTASKS are set but {missing} are not: start the ranks with "
-                              "`srun` inside an allocation (sbatch/salloc), or unset the SLURM_* variables")
+            raise ConfigError(f"SLURM_STEP_ID is set but {missing} are not: start the ranks with `srun` inside an "
+                              "allocation (sbatch/salloc), or unset the SLURM_* variables")
         rank, world, local = _ints(environ, SLURM_VARS[:3])
-        addr = environ.get("MASTER_ADDR") or first_host(environ["SLURM_JOB_NODELIST"])
+        nodes = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]  # task 0 runs on the first
+        addr = environ.get("MASTER_ADDR") or first_host(nodes)
         port = int(environ.get("MASTER_PORT") or 20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)
         return cls(rank, world, local, launcher="slurm", master_addr=addr, master_port=port)._checked()
 
@@ -130,10 +139,10 @@ def scontrol_first_host(nodelist: str) -> str:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              timeout=30, check=True).stdout.split()
     except (OSError, subprocess.SubprocessError) as e:
-        raise ConfigError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol ({e}); set MASTER_ADDR "
+        raise ConfigError(f"cannot expand the SLURM node list {nodelist!r} with scontrol ({e}); set MASTER_ADDR "
                           "to the first node's address") from None
     if not out:
-        raise ConfigError(f"scontrol expands SLURM_JOB_NODELIST={nodelist!r} to no host; set MASTER_ADDR")
+        raise ConfigError(f"scontrol expands the SLURM node list {nodelist!r} to no host; set MASTER_ADDR")
     return out[0]
 
 

@@ -4,6 +4,7 @@
 
 The config (with the overrides) is checked for nodes x procs-per-node ranks before anything is submitted. The
 run is named <job name>-<SLURM job id>, which a requeued job keeps, so it resumes its own checkpoints.
+The job runs the Python interpreter that runs this (its environment must be on a filesystem the nodes share).
 Prints the job id (sbatch --parsable), or the script with --dry-run.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def render(args: argparse.Namespace, overrides: list[str]) -> str:
     return Template(TEMPLATES[args.template].read_text()).substitute(
         job_name=args.job_name, nodes=args.nodes, procs_per_node=args.procs_per_node, time=args.time,
         signal_lead_s=args.signal_lead_s, output=args.output, rdzv_port=args.rdzv_port,
-        omp_threads=args.omp_threads, workdir=shlex.quote(str(REPO)),
+        omp_threads=args.omp_threads, workdir=shlex.quote(str(REPO)), python=shlex.quote(sys.executable),
         config=shlex.quote(str(Path(args.config).resolve())), run_name=f"{args.job_name}-$SLURM_JOB_ID",
         train_args=" ".join(shlex.quote(o) for o in overrides),
         sbatch_extra="\n".join(f"#SBATCH {shlex.quote(e)}" for e in extra))

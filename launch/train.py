@@ -243,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = StopRequest()
     mesh = start_process_group(run)
+    requeued = False
     try:
         _, result = train(run, mesh, stop)
+        if stop.requested:
+            requeued = run.is_main and requeue_current_job(os.environ)
+            if dist.is_initialized():  # no rank exits (ending an srun --kill-on-bad-exit job) before the requeue
+                dist.barrier()
     except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     if stop.requested:
-        if run.is_main and requeue_current_job(os.environ):
+        if requeued:
             print("stopped by a signal after saving a checkpoint; the SLURM job is requeued")
         return EXIT_STOPPED
     if run.is_main:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# A throw-away two-node SLURM cluster on one Debian machine, for the test suite (tests/slurm) and CI; needs root.
+# A throw-away two-node SLURM cluster on one Debian machine for tests/training/test_slurm_cluster.py; needs root.
 #   ci_cluster.sh install   Debian's slurm-wlm, munge, Open MPI and PMIx (for srun --mpi=pmix)
 #   ci_cluster.sh up        munged, slurmctld, and one slurmd per node n1/n2, each in its own network and UTS
 #                           namespace (own address on a private bridge, own hostname); waits until both are idle
-#   ci_cluster.sh down      cancels jobs, stops the daemons it started (by recorded PID), removes namespaces,
-#                           bridge, /etc/hosts lines and the /etc/slurm/slurm.conf link
+#   ci_cluster.sh down      cancels jobs, stops the daemons it started (by recorded PID, if it still runs that
+#                           daemon), removes namespaces, bridge, /etc/hosts lines and the /etc/slurm/slurm.conf link
 # Knobs: HOPE_SLURM_DIR (state, logs; default /tmp/hope-slurm), HOPE_SLURM_NET (a private /24 prefix, default
 # 172.30.214). `nsenter --net` (not `ip netns exec`, whose fresh /sys hides the cgroup fs slurmd probes) enters
 # the node's namespace; TmpFS is per node because srun --mpi=pmix creates the same directory on each node.
@@ -118,12 +118,27 @@ up() {
     say "up: nodes ${NODES[*]} idle"
 }
 
-stop() { # PIDFILE: TERM, then KILL after 10 s
-    [[ -s $1 ]] || return 0
-    local pid; pid=$(<"$1")
-    kill -TERM "$pid" 2>/dev/null || { rm -f "$1"; return 0; }
-    poll 10 sh -c "! kill -0 $pid" || kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$1"
+recorded() { # PIDFILE: the PID it records while that process still runs the daemon the file is named after
+    [[ -s $1 ]] || return 1
+    local pid name; pid=$(<"$1"); name=$(basename "$1")
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "${name%%-*}" ]] && echo "$pid"  # a PID may have been reused
+}
+
+gone() { # PID...: none of them runs
+    local pid
+    for pid; do kill -0 "$pid" 2>/dev/null && return 1; done
+    return 0
+}
+
+stop() { # PIDFILE...: TERM to the daemons they record, together; KILL to any left after 10 s
+    local f pid pids=()
+    for f; do
+        if pid=$(recorded "$f"); then pids+=("$pid"); fi
+        rm -f "$f"
+    done
+    ((${#pids[@]})) || return 0
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    poll 10 gone "${pids[@]}" || kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 
 down() {
@@ -131,10 +146,7 @@ down() {
         scancel --full $(squeue -h -o %A 2>/dev/null) 2>/dev/null || true
         poll 30 sh -c '[ -z "$(squeue -h -o %A)" ]' || true
     fi
-    local f
-    for f in "$DIR"/pid/slurmd-n* "$DIR"/pid/slurmctld "$DIR"/pid/munged; do
-        [[ $f == *.pidfile ]] || stop "$f"
-    done
+    stop "${NODES[@]/#/$DIR/pid/slurmd-}" "$DIR/pid/slurmctld" "$DIR/pid/munged"  # each takes ~2 s to exit
     local node
     for node in "${NODES[@]}"; do ip netns del "hope-$node" 2>/dev/null || true; done
     ip link del "$BRIDGE" 2>/dev/null || true

@@ -73,7 +73,8 @@ def test_deepspeed_launcher_runs_the_engine_on_two_local_processes(reference, tm
     environment is detected as the deepspeed launcher's and the run matches the single-process one."""
     argv, ref = reference
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), dump_run.__file__, *argv,
+    launcher = Path(sys.executable).with_name("deepspeed")  # this venv's, activated or not
+    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), dump_run.__file__, *argv,
            "--train.run_name=ds-launcher", "--parallel.dp_engine=deepspeed", "--out", str(tmp_path / "ds.pt")]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,7 +5,8 @@ and munge, two slurmd in their own network and UTS namespaces): jobs rendered an
 itself, resumes and ends with the parameters of the uninterrupted job, bit for bit; (3) one rank killed mid-run
 ends the whole job in under 30 s; (4) an mpi4py-bootstrapped job (srun --mpi=pmix) reproduces the single-process
 run, and so does a plain `srun python -m launch.train` job; training started in the batch script itself (not a
-task) is refused at once. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run installs them)."""
+task) is refused at once. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run
+installs them)."""
 from __future__ import annotations
 
 import json
