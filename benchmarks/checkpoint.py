@@ -2,8 +2,9 @@
 (copying the state into reused CPU buffers and writing the small per-run and per-rank files; the shards, the
 manifest checksums and the rename happen in the background), the async save's time to completion, and a load
 (find with checksum verification + resharding load), for the tiny and the ~125M presets with a stepped AdamW
-state. Each mode saves twice; the table shows the second save (a run's steady state) and the first async save's
-blocking time (which allocates the staging buffers).
+state. Each mode saves 1 + --repeats times (the modes alternating); the table shows the medians of the saves after
+the first (a run's steady state), the first async save's blocking time (which allocates the staging buffers)
+and the median of --repeats loads.
 
 `python -m benchmarks.checkpoint` prints a table and `key: value` lines; `async_blocking_over_sync` is the
 ~125M preset's async blocking time over its synchronous save time (goal <= 0.10).
@@ -14,12 +15,14 @@ import argparse
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import median
 
 import torch
 
 from benchmarks.common import emit
+from checkpoints.layout import step_dirs
 from checkpoints.manager import CheckpointManager
 from checkpoints.state import TrainingState
 from megatron_hope.config import load
@@ -64,52 +67,69 @@ def training_state(preset: str) -> TrainingState:
     return TrainingState(cfg, model, optimizer, scheduler, trainer, DataPosition(), rank=0, world_size=1)
 
 
-def measure(preset: str, root: Path) -> dict[str, float]:
-    state = training_state(preset)
-    results = {"params_m": count_parameters(state.cfg.model)["total"] / 1e6}
-    for mode in ("sync", "async"):
-        run = root / f"{preset}-{mode}"
-        cfg = state.cfg.checkpoint
-        cfg.async_save, cfg.keep_last = mode == "async", 1
-        manager = CheckpointManager(run, cfg, log=lambda _: None)
-        for save in ("first", "later"):  # an async run's first save also allocates its staging buffers
-            start = time.perf_counter()
-            blocked = manager.save(state)
-            manager.wait()
-            results[f"{mode}_{save}_blocking_s"], results[f"{mode}_{save}_total_s"] = (
-                blocked, time.perf_counter() - start)
-            state.trainer.steps_done += 1
-    directory = root / f"{preset}-async" / "checkpoints" / f"step_{state.trainer.steps_done - 1:08d}"
-    results["mib"] = sum(p.stat().st_size for p in directory.iterdir()) / 2**20
-    manager = CheckpointManager(root / f"{preset}-async", state.cfg.checkpoint, log=lambda _: None)
+def timed_save(manager: CheckpointManager, state: TrainingState) -> tuple[float, float]:
+    """(seconds save() blocked, seconds until the checkpoint is complete) of one save after the next step."""
+    state.trainer.steps_done += 1
     start = time.perf_counter()
-    manager.load(state, manager.find("auto"))
-    results["load_s"] = time.perf_counter() - start
-    shutil.rmtree(root / f"{preset}-sync")
-    shutil.rmtree(root / f"{preset}-async")
+    blocked = manager.save(state)
+    manager.wait()
+    return blocked, time.perf_counter() - start
+
+
+def measure(preset: str, root: Path, repeats: int) -> dict[str, float]:
+    """One run per mode saving 1 + repeats times, the modes alternating (so that both see the same background
+    load); medians of the later saves, the first async save's blocking time, the median of `repeats` loads."""
+    state = training_state(preset)
+    managers = {mode: CheckpointManager(root / f"{preset}-{mode}", replace(state.cfg.checkpoint, keep_last=1,
+                                                                         async_save=mode == "async"),
+                                        log=lambda _: None)
+                for mode in ("sync", "async")}
+    saves: dict[str, list[tuple[float, float]]] = {mode: [] for mode in managers}
+    for _ in range(1 + repeats):
+        for mode, manager in managers.items():
+            saves[mode].append(timed_save(manager, state))
+    loads = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        managers["async"].load(state, managers["async"].find("auto"))
+        loads.append(time.perf_counter() - start)
+    newest = step_dirs(managers["async"].root)[0]
+    results = {"params_m": count_parameters(state.cfg.model)["total"] / 1e6,
+               "bytes": sum(p.stat().st_size for p in newest.iterdir()),
+               "sync_later_total_s": median(total for _, total in saves["sync"][1:]),
+               "async_first_blocking_s": saves["async"][0][0],
+               "async_later_blocking_s": median(blocked for blocked, _ in saves["async"][1:]),
+               "async_later_total_s": median(total for _, total in saves["async"][1:]),
+               "load_s": median(loads)}
+    for mode in managers:
+        shutil.rmtree(root / f"{preset}-{mode}")
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--repeats", type=int, default=3, help="timed saves per mode after the first, and loads")
     args = parser.parse_args(argv)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets:
-            rows[preset] = measure(preset, Path(tmp))
+            rows[preset] = measure(preset, Path(tmp), args.repeats)
     print(f"{'preset':<7} {'params':>8} {'MiB':>8} {'sync s':>8} {'async block s':>14} {'(first save)':>13} "
-          f"{'async total s':>14} {'load s':>8} {'block/sync':>11}")
+          f"{'async total s':>14} {'load s':>8} {'block/sync':>11} {'total/sync':>11} {'load/sync':>10}")
     for preset, r in rows.items():
-        print(f"{preset:<7} {r['params_m']:7.1f}M {r['mib']:8.1f} {r['sync_later_total_s']:8.3f} "
-              f"{r['async_later_blocking_s']:14.3f} {r['async_first_blocking_s']:13.3f} {r['async_later_total_s']:14.3f} "
-              f"{r['load_s']:8.3f} {r['async_later_blocking_s'] / r['sync_later_total_s']:11.3f}")
+        sync = r["sync_later_total_s"]
+        print(f"{preset:<7} {r['params_m']:7.1f}M {r['bytes'] / 2**20:8.1f} {sync:8.3f} "
+              f"{r['async_later_blocking_s']:14.3f} {r['async_first_blocking_s']:13.3f} "
+              f"{r['async_later_total_s']:14.3f} {r['load_s']:8.3f} {r['async_later_blocking_s'] / sync:11.3f} "
+              f"{r['async_later_total_s'] / sync:11.3f} {r['load_s'] / sync:10.3f}")
     for preset, r in rows.items():
-        for key in ("sync_later_total_s", "async_first_blocking_s", "async_later_blocking_s", "async_later_total_s",
-                    "load_s"):
+        for key in ("bytes", "sync_later_total_s", "async_first_blocking_s", "async_later_blocking_s",
+                    "async_later_total_s", "load_s"):
             emit(f"{preset}_{key}", r[key])
     if "125m" in rows:  # a run's steady state: every save after the first
         emit("async_blocking_over_sync", rows["125m"]["async_later_blocking_s"] / rows["125m"]["sync_later_total_s"])
+
 
 if __name__ == "__main__":
     main()

@@ -2,13 +2,14 @@
 errors that name the problem and the fix."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from checkpoint_helpers import STEPS, damaged_copy, flip_byte
+from checkpoint_helpers import STEPS, damaged_copy, flip_byte, truncate
 from checkpoints.__main__ import main as cli
 from checkpoints.export import load_exported
 from checkpoints.layout import step_name
@@ -35,6 +36,20 @@ def test_inspect_a_run_lists_its_checkpoints(run, capsys):
         assert out[-1] == f"latest: {step_name(STEPS)}"
 
 
+def test_inspect_a_run_shows_damaged_checkpoints_and_partial_saves(run, tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run.root, root)
+    name = truncate(root / step_name(STEPS))
+    (root / f".tmp-{step_name(STEPS + 1)}").mkdir()
+    code, out, _ = run_cli(capsys, "inspect", root)
+    assert code == 0
+    newest, previous = out[1].split(), out[2].split()
+    assert (newest[0], newest[2], previous[0], previous[2]) == (str(STEPS), "INVALID:", str(STEPS - 1), "complete")
+    assert f"{name}: " in out[1] and "(truncated?)" in out[1] and out[1].endswith("<- latest")
+    assert out[-2:] == [f"partial save .tmp-{step_name(STEPS + 1)}: never resumed from; `--resume auto` removes it",
+                        f"latest: {step_name(STEPS)}"]
+
+
 def test_inspect_a_checkpoint(run, capsys):
     code, out, _ = run_cli(capsys, "inspect", run.newest)
     assert code == 0
@@ -42,7 +57,7 @@ def test_inspect_a_checkpoint(run, capsys):
     lines = dict(line.split(": ", 1) for line in out if ": " in line and not line.startswith(" "))
     assert lines["step"] == str(STEPS)
     assert lines["consumed tokens"] == f"{STEPS * cfg.train.global_batch_size * cfg.train.seq_len:,}"
-    assert lines["saved by"] == "1 rank(s), tp 1 x pp 1 x dp 1 (fsdp2)"
+    assert lines["saved by"] == "1 rank(s): tp 1 x pp 1 x dp 1 (fsdp2)"
     assert lines["model"].startswith(f"hope, {count_parameters(cfg.model)['total']:,} parameters, d_model 64")
     assert lines["bytes"].startswith(f"{sum(p.stat().st_size for p in run.newest.iterdir()):,} ")
     assert lines["files"].startswith("complete")
@@ -79,7 +94,8 @@ def test_errors_name_the_problem_and_the_fix(run, tmp_path, capsys):
     code, _, err = run_cli(capsys, "verify", tmp_path)
     assert code == 1 and f"{tmp_path} is not a checkpoint (no manifest.json or run_state.json)" in err
     code, _, err = run_cli(capsys, "export", run.root.parent, "--out", tmp_path / "x")
-    assert code == 1 and f"is a run's checkpoint directory, not one checkpoint" in err and f"{run.newest} (latest)" in err
+    assert code == 1 and "is a run's checkpoint directory, not one checkpoint" in err
+    assert f"{run.newest} (latest)" in err
     copy, shard = damaged_copy(run.newest, tmp_path / "damaged", flip_byte)
     for command in (["export", copy, "--out", tmp_path / "x"],
                     ["convert", copy, "--to", "megatron-core", "--out", tmp_path / "x.safetensors"]):
