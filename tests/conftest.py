@@ -1,5 +1,5 @@
 """Fixtures shared by the test directories: the synthetic corpus that training runs read (tests/training,
-tests/checkpoints). tests/training holds the run helpers (train_helpers, dump_run); it is put on sys.path so that
+tests/checkpoints), and a one-rank gloo process group with its mesh. tests/training holds the run helpers (train_helpers, dump_run); it is put on sys.path so that
 every directory imports them the same way."""
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def data(tmp_path_factory) -> dict[str, Path]:
     prepare(PrepareConfig([str(corpus)], str(root / "tok"), str(root / "shards"), shard_tokens=4000, workers=1,
                           val_fraction=0.1))
     return {"tokenizer": root / "tok", "manifest": root / "shards" / "manifest.json"}
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-D CPU mesh over a one-rank gloo process group (in-memory store), torn down after the test."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
