@@ -19,7 +19,7 @@ from checkpoints.layout import checkpoints_root, prune, publish, remove_partial,
 from checkpoints.manifest import problems, write_manifest
 from checkpoints.safe_reader import SafeFileSystemReader
 from checkpoints.staging import ReusedBufferStager
-from checkpoints.state import CONFIG, RUN_STATE, TrainingState, barrier
+from checkpoints.state import CONFIG, RUN_STATE, TrainingState
 from megatron_hope.config import CheckpointConfig, ModelConfig
 from megatron_hope.config_base import from_dict, to_toml
 
@@ -55,7 +55,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
             (tmp / RUN_STATE).write_text(json.dumps(state.run_state(), indent=1))
             (tmp / CONFIG).write_text(to_toml(state.cfg))
-        barrier(self.group)
+        if self.group is not None:  # the directory exists before any rank writes into it
+            dist.barrier(group=self.group)
         state.write_rank_files(tmp)
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True)
         no_dist = self.group is None

@@ -19,11 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from checkpoints.errors import CheckpointError
 from data_pipeline.dataset import PackedTokenDataset
 from megatron_hope.config import Config
 from megatron_hope.parallel import deepspeed_engine
@@ -174,8 +172,6 @@ def _json_safe(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
     return value
 
 
@@ -205,7 +201,3 @@ def code_version() -> dict[str, str]:
         pass
     return {"package": package, "commit": commit}
 
-
-def barrier(group: dist.ProcessGroup | None) -> None:
-    if group is not None:
-        dist.barrier(group=group)

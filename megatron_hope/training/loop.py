@@ -75,7 +75,6 @@ class StepResult:
 class TrainResult:
     steps: list[StepResult] = field(default_factory=list)
     val_loss: float | None = None  # of the final evaluation
-    stopped_early: bool = False  # a stop request ended training before train.train_steps
 
     @property
     def perplexity(self) -> float | None:
@@ -269,8 +268,8 @@ class Trainer:
             after_step: Callable[[int], bool] | None = None) -> TrainResult:
         """Run steps steps_done + 1 ... train.train_steps on `batches` (this rank's micro-batches); evaluate every
         eval_interval steps and at the end on a fresh `val_batches()` iterable (None: no evaluation).
-        after_step(step) runs after each step (checkpointing); when it returns True, training stops there
-        (result.stopped_early) without the final evaluation."""
+        after_step(step) runs after each step (checkpointing); when it returns True, training stops there,
+        without the final evaluation."""
         t = self.cfg.train
         accum = self.cfg.grad_accum_steps(self.dp_size)
         tokens_per_step = t.global_batch_size * t.seq_len
@@ -313,7 +312,6 @@ class Trainer:
             if val_batches is not None and t.eval_interval and step % t.eval_interval == 0 and step < t.train_steps:
                 self._evaluate(step, val_batches)
             if after_step is not None and after_step(step):
-                result.stopped_early = True
                 return result
         if val_batches is not None:
             result.val_loss = self._evaluate(t.train_steps, val_batches)
