@@ -44,9 +44,9 @@ def worker(periods: tuple[int, ...], out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from benchmarks.comm_counter import CommCounter
     from megatron_hope.model.lm import HopeLM
     from megatron_hope.parallel.data_parallel import apply_fsdp
+    from megatron_hope.training.comm_counter import CommCounter
     from megatron_hope.training.loop import Trainer
     from megatron_hope.training.metrics import RunLogger
     from megatron_hope.training.optimizer import build_optimizer

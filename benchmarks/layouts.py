@@ -1,5 +1,5 @@
 """Step time of each parallel layout relative to one process, and bytes communicated per step per mesh dim
-(counted on the actual collectives, benchmarks/comm_counter.py), on the tiny HOPE of the quickstart corpus.
+(counted on the actual collectives, megatron_hope/training/comm_counter.py), on the tiny HOPE of the quickstart corpus.
 
     python -m benchmarks.layouts [--steps 6]
 
@@ -41,10 +41,10 @@ COMMON = ["--model.n_layers=4", "--train.micro_batch_size=2", "--train.global_ba
 
 def worker(argv: list[str], out: str) -> None:
     """Under torchrun: launch.train's run with the step timed and its collectives counted."""
-    from benchmarks.comm_counter import CommCounter
     from launch import train as launch_train
     from launch.env import ProcessEnv
     from megatron_hope.training import loop
+    from megatron_hope.training.comm_counter import CommCounter
 
     run = launch_train.prepare(argv, ProcessEnv.from_environ())
     mesh = launch_train.start_process_group(run)
@@ -63,8 +63,8 @@ def worker(argv: list[str], out: str) -> None:
 
     loop.Trainer.step = counted(loop.Trainer.step)
     if run.cfg.parallel.dp_engine == "deepspeed":
-        from megatron_hope.parallel import deepspeed_engine
-        deepspeed_engine.DeepSpeedTrainer.step = counted(deepspeed_engine.DeepSpeedTrainer.step)
+        from megatron_hope.training.deepspeed_trainer import DeepSpeedTrainer
+        DeepSpeedTrainer.step = counted(DeepSpeedTrainer.step)
     launch_train.train(run, mesh)
     if run.env.rank == 0:
         Path(out).write_text(json.dumps(records))

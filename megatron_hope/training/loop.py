@@ -51,6 +51,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from megatron_hope.config import Config
 from megatron_hope.parallel.data_parallel import accumulated_gradients, set_accumulated_gradients
 from megatron_hope.parallel.pipeline import Pipeline
+from megatron_hope.training.comm_counter import CommCounter
 from megatron_hope.training.grad_clip import clip_grad_norm
 from megatron_hope.training.optimizer import due_groups, step_groups
 from megatron_hope.training.metrics import RunLogger, peak_memory_gib
@@ -157,9 +158,8 @@ class Trainer:
     pipeline: Pipeline | None = None  # pipeline parallelism: runs the micro-batches; model is this rank's part
     steps_done: int = 0  # optimizer steps taken (skipped ones included); the phase of every CMS level's period
     nan_run: int = 0  # consecutive non-finite steps up to steps_done
-    comm_counter: object = None  # a benchmarks.comm_counter.CommCounter: active during each step, whose bytes
-    # (all collectives, and reductions alone, per mesh dim; FSDP2 gradient reductions per parameter group) are
-    # logged per step as metrics group "comm"
+    comm_counter: CommCounter | None = None  # active during each step; its bytes (all collectives, and
+    # reductions alone, per mesh dim; FSDP2 gradient reductions per parameter group) are logged per step as "comm"
 
     def __post_init__(self):
         self._periods = {g["cms_level"]: g["period"] for g in self.optimizer.param_groups

@@ -19,6 +19,7 @@ from launch.env import ProcessEnv, free_port
 from megatron_hope.config import load
 from megatron_hope.model.lm import HopeLM
 from megatron_hope.parallel import deepspeed_engine
+from megatron_hope.training.deepspeed_trainer import DeepSpeedTrainer
 from megatron_hope.training.metrics import RunLogger
 from megatron_hope.training.optimizer import build_optimizer
 from megatron_hope.training.schedule import lr_lambda
@@ -118,8 +119,8 @@ def nan_worker(out: str) -> None:
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
         engine = deepspeed_engine.initialize(model, optimizer, cfg, device)
-        trainer = deepspeed_engine.DeepSpeedTrainer(engine, optimizer, scheduler, cfg, device,
-                                                    RunLogger(None, cfg.train.train_steps, False), 1.0, None)
+        trainer = DeepSpeedTrainer(engine, optimizer, scheduler, cfg, device,
+                                   RunLogger(None, cfg.train.train_steps, False), 1.0, None)
         results[name] = {"steps": [], "params": []}
         for micro_batches in steps:
             results[name]["steps"].append(trainer.step(micro_batches))
