@@ -2,16 +2,19 @@
 
   inspect PATH                 a checkpoint: step, tokens, layout, code version, model, tensors, bytes; a run or
                                its checkpoints/ directory: every checkpoint, its size and state, and `latest`
-  verify PATH [--no-checksums] sizes and sha256 of every file against the manifest (exit 1 listing what differs)
+  verify PATH [--no-checksums] sizes and sha256 of every file against the manifest, and what the files say of
+                               each other (DCP metadata read safely, its data within the files, the rank files):
+                               exit 1 listing what is wrong
   export PATH --out DIR        DIR/model.safetensors + DIR/config.toml for HopeLM on one process
-                               (checkpoints.export.load_exported)
+                               (checkpoints.export.load_exported); DIR is new, empty or an earlier export
   convert PATH --to megatron-core --out FILE [--tp N]
                                the weights under megatron-core's names, one file per tensor-parallel rank
                                (FILE, or FILE_tp0 ... FILE_tp{N-1} with the same suffix)
   convert FILE --from megatron-core --config TOML --out DIR
                                back: an export directory of the weights `--to megatron-core` wrote to FILE,
                                for the [model] of TOML (the run's config.toml)
-Export and convert refuse a checkpoint that fails `verify`. Exit status 1 with a one-line error otherwise.
+Export and convert refuse a checkpoint that fails `verify`, and never overwrite other files than their own.
+Exit status 1 with a one-line error otherwise.
 """
 from __future__ import annotations
 
@@ -32,9 +35,9 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("inspect", help="a checkpoint, or a run's checkpoints").add_argument("path", type=Path)
-    verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest")
+    verify = sub.add_parser("verify", help="check a checkpoint's files against its manifest and each other")
     verify.add_argument("path", type=Path)
-    verify.add_argument("--no-checksums", action="store_true", help="check sizes only")
+    verify.add_argument("--no-checksums", action="store_true", help="skip the sha256 of every file")
     exp = sub.add_parser("export", help="model.safetensors + config.toml for HopeLM")
     exp.add_argument("path", type=Path)
     exp.add_argument("--out", type=Path, required=True, help="the export directory")
@@ -59,7 +62,7 @@ def verify(path: Path, checksums: bool) -> int:
     found = problems(checkpoint_dir(path), checksums)
     for problem in found:
         print(f"{path}: {problem}")
-    print(f"{path}: {'INVALID' if found else 'ok'}{'' if checksums else ' (sizes only)'}")
+    print(f"{path}: {'INVALID' if found else 'ok'}{'' if checksums else ' (no sha256)'}")
     return 1 if found else 0
 
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {export(checkpoint_dir(args.path), args.out)}")
         else:
             convert(args)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

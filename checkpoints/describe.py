@@ -52,13 +52,13 @@ def size_bytes(path: Path) -> int:
 
 
 def describe_run(root: Path) -> list[str]:
-    """One line per checkpoint under `root` (newest first): step, MiB, complete (sizes against the manifest) or
-    what is wrong, and which one `latest` names; then the partial saves and `latest`."""
+    """One line per checkpoint under `root` (newest first): step, MiB, complete (manifest.problems without
+    hashes) or what is wrong, and which one `latest` names; then the partial saves and `latest`."""
     dirs = step_dirs(root)
     if not dirs:
         raise CheckpointError(f"{root} holds no complete checkpoint (step_NNNNNNNN directory)")
     latest = read_latest(root)
-    lines = [f"{'step':>10} {'MiB':>10}  files (sizes; `verify` checks sha256)"]
+    lines = [f"{'step':>10} {'MiB':>10}  files (sizes, metadata; `verify` checks sha256)"]
     for d in dirs:
         found = problems(d, checksums=False)
         state = "complete" if not found else f"INVALID: {'; '.join(found)}"
@@ -96,7 +96,7 @@ def describe_checkpoint(path: Path) -> list[str]:
             f"{cfg.n_layers} layers, {cfg.n_heads} heads, vocab {cfg.vocab_size}, tied head {cfg.tie_embeddings}"
             + (f", CMS periods {periods}" if cfg.arch == "hope" else ""),
             f"bytes: {total:,} ({total / 2**20:.2f} MiB)",
-            "files: complete (sizes match the manifest; `verify` checks sha256)" if not found
+            "files: complete (sizes and metadata agree with the manifest; `verify` checks sha256)" if not found
             else f"files: INVALID: {'; '.join(found)}",
             *tensor_lines(path)]
 

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -70,7 +70,21 @@ def _fp32(dtype: torch.dtype) -> torch.dtype:
 def export(checkpoint: Path, out: Path) -> Path:
     """out/model.safetensors (consolidated parameters) + out/config.toml (the model; the other sections are
     defaults) of a verified checkpoint; load_exported() builds the model from them."""
+    check_export_dir(out)
     return write_export(read_model(checkpoint), model_config(checkpoint), out)
+
+
+def check_export_dir(out: Path) -> None:
+    """`out` may receive an export: it does not exist, or is an empty directory or an earlier export (whose two
+    files are replaced); nothing else in it is ever overwritten."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; give a directory for the export (a new one, an empty one or "
+                              "an earlier export's)")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (WEIGHTS, CONFIG)) if out.is_dir() else []
+    if others:
+        raise CheckpointError(f"--out {out} holds other files than an export's ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); give a new or empty directory, or an "
+                              "earlier export's")
 
 
 def write_export(params: dict[str, torch.Tensor], cfg: ModelConfig, out: Path) -> Path:
@@ -179,17 +193,33 @@ def to_megatron_core(checkpoint: Path, out: Path, tp: int = 1) -> list[Path]:
     one safetensors file per tensor-parallel rank (megatron_core_files)."""
     cfg = model_config(checkpoint)
     _check_tensor_parallel(cfg, tp)
-    ranks = _weights().to_megatron(read_model(checkpoint), cfg, tp)
     paths = megatron_core_files(out, tp)
+    for path in paths:
+        _check_replaceable(path)
+    ranks = _weights().to_megatron(read_model(checkpoint), cfg, tp)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, state in zip(paths, ranks, strict=True):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return paths
 
 
+def _check_replaceable(path: Path) -> None:
+    """`path` may receive a safetensors file: it does not exist or is one (an earlier conversion's)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give --out the path of a .safetensors file to write")
+    if path.exists():
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError):
+            raise CheckpointError(f"{path} exists and is not a safetensors file; give --out a new path (an earlier "
+                                  "conversion's is replaced)") from None
+
+
 def from_megatron_core(path: Path, config: Path, out: Path) -> Path:
     """An export directory (write_export) of megatron-core weights written by to_megatron_core (`path`: its
     --out), for the model of `config` (a config.toml with a [model] table)."""
+    check_export_dir(out)
     cfg = read_model_config(config)
     ranks = [_load_safetensors(f) for f in find_megatron_core_files(path)]
     try:

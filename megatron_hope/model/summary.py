@@ -1,16 +1,18 @@
 """Closed-form parameter counts and analytic FLOPs per token, from the config alone (no model is built).
 
 `python -m megatron_hope.model.summary --config configs/hope_1b3.toml [--seq-len N] [--model.a=b ...]` prints
-them as `key: value` lines. FLOPs count matmuls only, 2*m*n*k each, as torch.utils.flop_counter does; causal
-attention counts the full T x T score and value products (the usual MFU convention). Training is 3x forward
-(backward = grads w.r.t. inputs and weights); the extra per-chunk backward passes of in-sequence CMS updates
-are not counted.
+them as `key: value` lines (a config error or a --seq-len below 1: one `error:` line, exit status 2). FLOPs
+count matmuls only, 2*m*n*k each, as torch.utils.flop_counter does; causal attention counts the full T x T score
+and value products (the usual MFU convention). Training is 3x forward (backward = grads w.r.t. inputs and
+weights); the extra per-chunk backward passes of in-sequence CMS updates are not counted.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from megatron_hope.config import ModelConfig, load
+from megatron_hope.config_base import ConfigError
 from megatron_hope.model.titans import mixer_forward_flops
 
 
@@ -80,20 +82,29 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3 * forward_flops_per_token(cfg, seq_len)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Print the summary; 2 with one `error:` line for a config error or a sequence length below 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="TOML preset, e.g. configs/hope_1b3.toml")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default max_seq_len)")
     args, overrides = parser.parse_known_args(argv)
-    cfg = load(args.config, overrides).model
-    seq_len = args.seq_len or cfg.max_seq_len
+    try:
+        cfg = load(args.config, overrides).model
+        if args.seq_len is not None and args.seq_len < 1:
+            raise ConfigError(f"--seq-len {args.seq_len}: the sequence length must be at least 1 (or leave it out "
+                              f"for model.max_seq_len, {cfg.max_seq_len})")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len
     print(f"arch: {cfg.arch}")
     for part, n in count_parameters(cfg).items():
         print(f"params_{part}: {n}")
     print(f"seq_len: {seq_len}")
     print(f"forward_flops_per_token: {forward_flops_per_token(cfg, seq_len):.6g}")
     print(f"training_flops_per_token: {training_flops_per_token(cfg, seq_len):.6g}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

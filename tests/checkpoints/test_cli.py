@@ -115,3 +115,40 @@ def test_the_module_runs_and_fails_without_a_traceback(tmp_path):
     assert proc.stderr.splitlines()[-1] == f"error: {tmp_path / 'missing'} does not exist; give " \
                                            "runs/NAME/checkpoints/step_NNNNNNNN"
     assert "Traceback" not in proc.stderr
+
+
+def test_out_never_overwrites_other_files(run, tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    mcore, config = tmp_path / "mcore.safetensors", run.newest / "config.toml"
+    assert run_cli(capsys, "convert", run.newest, "--to", "megatron-core", "--out", mcore)[0] == 0
+    a_file = f"error: --out {mine} is a file; give a directory for the export (a new one, an empty one or an " \
+             "earlier export's)\n"
+    a_folder = f"error: --out {folder} holds other files than an export's (notes.txt); give a new or empty " \
+               "directory, or an earlier export's\n"
+    for argv, err in [(["export", run.newest, "--out", mine], a_file),
+                      (["export", run.newest, "--out", folder], a_folder),
+                      (["convert", mcore, "--from", "megatron-core", "--config", config, "--out", mine], a_file),
+                      (["convert", mcore, "--from", "megatron-core", "--config", config, "--out", folder], a_folder),
+                      (["convert", run.newest, "--to", "megatron-core", "--out", folder],
+                       f"error: {folder} is a directory; give --out the path of a .safetensors file to write\n"),
+                      (["convert", run.newest, "--to", "megatron-core", "--out", mine],
+                       f"error: {mine} exists and is not a safetensors file; give --out a new path (an earlier "
+                       "conversion's is replaced)\n"),
+                      (["export", run.newest, "--out", mine / "sub"], f"error: [Errno 20] Not a directory: "
+                                                                      f"'{mine / 'sub'}'\n")]:
+        assert run_cli(capsys, *argv) == (1, [], err), argv
+    assert mine.read_text() == (folder / "notes.txt").read_text() == "mine"
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_an_earlier_export_or_conversion_is_replaced(run, tmp_path, capsys):
+    for argv in (["export", run.newest, "--out", tmp_path / "export"],
+                 ["convert", run.newest, "--to", "megatron-core", "--out", tmp_path / "mcore.safetensors"],
+                 ["convert", tmp_path / "mcore.safetensors", "--from", "megatron-core",
+                  "--config", run.newest / "config.toml", "--out", tmp_path / "export"]):
+        assert run_cli(capsys, *argv)[0] == run_cli(capsys, *argv)[0] == 0, argv
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.toml", "model.safetensors"]

@@ -1,15 +1,19 @@
-"""The checkpoint metadata reader unpickles DCP's metadata classes only: a pickle naming anything else is refused
-before it is called."""
+"""The checkpoint metadata reader builds DCP's metadata and nothing else: a pickle naming, calling or changing
+anything else is refused before anything runs; real metadata comes out as pickle would build it."""
 from __future__ import annotations
 
+import io
 import os
 import pickle
 
 import pytest
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 
+from checkpoint_helpers import call_opcodes, global_opcodes, metadata, text_opcodes
 from checkpoints.errors import CheckpointError
-from checkpoints.safe_reader import SafeFileSystemReader
+from checkpoints.safe_reader import SafeFileSystemReader, load_metadata
+
+DCP_METADATA = "torch.distributed.checkpoint.metadata"
 
 
 class _Exploit:
@@ -40,3 +44,31 @@ def test_a_pickle_of_something_else_is_refused(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
     with pytest.raises(CheckpointError, match="holds a dict, not checkpoint metadata"):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_real_metadata_comes_out_as_pickle_builds_it(run, protocol):
+    expected = metadata(run.newest)
+    got = load_metadata(io.BytesIO(pickle.dumps(expected, protocol=protocol)), "test")
+    assert got == expected and got.storage_data == expected.storage_data
+
+
+def refused(opcodes: bytes) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_metadata(io.BytesIO(pickle.PROTO + bytes([4]) + opcodes + pickle.STOP), "test")
+    return str(e.value)
+
+
+def test_an_allowed_class_is_not_called_with_arguments():
+    """REDUCE builds torch.Size, layouts, enum members and paths only; DCP's dataclasses come from NEWOBJ."""
+    assert "the pickle calls torch.distributed.checkpoint.metadata.StorageMeta with ('x',)" in \
+        refused(call_opcodes(DCP_METADATA, "StorageMeta", "x"))
+
+
+def test_a_class_is_never_changed():
+    """BUILD sets fields of the metadata's objects, never attributes of a class."""
+    state = pickle.NONE + pickle.EMPTY_DICT + text_opcodes("save_id") + text_opcodes("changed") + pickle.SETITEM + \
+        pickle.TUPLE2  # (no __dict__ state, {attribute: value} set with setattr)
+    problem = refused(global_opcodes(DCP_METADATA, "StorageMeta") + state + pickle.BUILD)
+    assert f"the pickle sets (None, {{'save_id': 'changed'}}) on {DCP_METADATA}.StorageMeta" in problem
+    assert StorageMeta.save_id is None
