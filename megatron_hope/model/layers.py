@@ -65,7 +65,9 @@ class CausalDepthwiseConv1d(nn.Module):
     """Per-channel causal convolution over time (width 4 in HOPE/Titans, spec 1.1). Input (B, T, C).
 
     With `doc_start` (B, T) bool, taps never reach across a document start (each document is convolved
-    as if it started the sequence), so packed documents do not leak into each other.
+    as if it started the sequence), so packed documents do not leak into each other. With `tail`
+    (B, width - 1, C), the inputs of the previous call's last width - 1 tokens (`next_tail`), a sequence
+    split over several calls is convolved as in one call; without it the sequence starts here.
     """
 
     def __init__(self, channels: int, width: int = 4):
@@ -79,22 +81,45 @@ class CausalDepthwiseConv1d(nn.Module):
         self.weight.zero_()
         self.weight[:, -1] = 1.0  # identity at init: tap on the current token
 
-    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, doc_start: torch.Tensor | None = None,
+                tail: torch.Tensor | None = None) -> torch.Tensor:
         weight = local(self.weight)  # channels follow the (possibly column-parallel) input projection
         if self.width == 1:
             return x * weight[:, 0]
-        T = x.shape[1]
-        xp = F.pad(x, (0, 0, self.width - 1, 0))  # (B, T + w - 1, C)
-        taps = xp.unfold(1, self.width, 1)  # (B, T, C, w); tap j looks back w - 1 - j tokens
+        taps = self._extend(x, tail).unfold(1, self.width, 1)  # (B, T, C, w); tap j looks back w - 1 - j tokens
         if doc_start is not None:
-            # position of the current document's start for each token; a tap looking back `lag` tokens
-            # is valid only if t - lag >= that start
-            pos = torch.arange(T, device=x.device)
-            start = torch.cummax(torch.where(doc_start, pos, torch.zeros_like(pos)), dim=1).values
+            # a tap looking back `lag` tokens is valid only if t - lag is not before the current document's start
+            pos = torch.arange(x.shape[1], device=x.device)
             lags = torch.arange(self.width - 1, -1, -1, device=x.device)
-            valid = (pos[None, :, None] - lags[None, None, :]) >= start[:, :, None]  # (B, T, w)
+            valid = (pos[None, :, None] - lags[None, None, :]) >= self._doc_begin(doc_start)[:, :, None]  # (B, T, w)
             taps = taps * valid[:, :, None, :].to(x.dtype)
         return (taps * weight).sum(-1)
+
+    def next_tail(self, x: torch.Tensor, doc_start: torch.Tensor | None = None,
+                  tail: torch.Tensor | None = None) -> torch.Tensor:
+        """The carry for the next call: the inputs of the last width - 1 tokens (B, width - 1, C), zeros where
+        they come before the last document start, which no later tap may reach."""
+        n = self.width - 1
+        xp = self._extend(x[:, max(x.shape[1] - n, 0):], tail)  # only the last tokens: no copy of x
+        last = xp[:, xp.shape[1] - n:]
+        if doc_start is None:
+            return last
+        T = x.shape[1]
+        pos = torch.arange(T - n, T, device=x.device)
+        keep = pos[None, :] >= self._doc_begin(doc_start)[:, -1:]  # (B, n)
+        return last * keep[..., None].to(last.dtype)
+
+    def _extend(self, x: torch.Tensor, tail: torch.Tensor | None) -> torch.Tensor:
+        """x preceded by the previous call's tail, or by zeros: (B, T + width - 1, C)."""
+        if tail is None:
+            return F.pad(x, (0, 0, self.width - 1, 0))
+        return torch.cat([tail.to(x.dtype), x], dim=1)
+
+    def _doc_begin(self, doc_start: torch.Tensor) -> torch.Tensor:
+        """(B, T) position of each token's document start; -width (every tap valid, the carried tail included)
+        before the first start of this call, whose document began in an earlier call."""
+        pos = torch.arange(doc_start.shape[1], device=doc_start.device)
+        return torch.cummax(torch.where(doc_start, pos, -self.width), dim=1).values
 
 
 class RotaryEmbedding(nn.Module):

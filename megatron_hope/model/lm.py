@@ -95,9 +95,11 @@ class HopeLM(nn.Module):
                               doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """HOPE with in-sequence CMS fast-weight updates (spec 1.4 proposal, first-order) -> (logits, mean loss).
 
-        The sequence runs in chunks of the smallest inner_chunk C, carrying the mixer states; every sequence of
-        the batch has its own fast weights, updated after each chunk from that chunk's next-token loss (see
-        CMSFastWeights). A document start (only at multiples of C) restores the meta-learned weights.
+        The sequence runs in chunks of the smallest inner_chunk C, carrying the mixer states (memory and conv
+        tail; C is a multiple of the memory chunk, so the mixers compute what one call over the sequence would,
+        and with inner_lr = 0 this is the plain forward); every sequence of the batch has its own fast weights,
+        updated after each chunk from that chunk's next-token loss (see CMSFastWeights). A document start (only
+        at multiples of C) restores the meta-learned weights.
         """
         B, T = tokens.shape
         C = self.cfg.cms.inner_chunk

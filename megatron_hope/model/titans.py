@@ -1,11 +1,14 @@
 """Token mixers built on neural memories: the self-modifying Titans mixer of HOPE and the Titans baseline.
 
-Both take (B, T, d) and return (B, T, d) plus the memory state, which a later call (the next sequence
-shard, or the next chunk when streaming) continues from. They hold no pre-norm and no residual.
+Both take (B, T, d) and return (B, T, d) plus their carried state (MixerState), which a later call (the next
+sequence shard, the next CMS chunk, the next chunk when streaming) continues from: the calls then compute what
+one call over the whole sequence would. A call that continues a state must start on the memory's chunk grid
+(the earlier calls' lengths add up to a multiple of model.memory.chunk_size). They hold no pre-norm and no residual.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,13 @@ from megatron_hope.ops import flops
 from megatron_hope.ops.memory import MemoryOptions, State, memory_scan
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
 
-MixerState = State
+
+class MixerState(NamedTuple):
+    """What a mixer carries from one call to the next: a pytree of tensors (a dict of memory matrices and one
+    tensor), which can be detached, moved or sent to the rank holding the next sequence shard as it is."""
+
+    memory: State  # the memories' weights and momenta after the last token (ops.memory), fp32
+    conv: Tensor  # (B, conv_width - 1, channels): the conv's last inputs (CausalDepthwiseConv1d.next_tail)
 
 
 def memory_options(cfg: ModelConfig, self_modifying: bool) -> MemoryOptions:
@@ -66,13 +75,15 @@ class _MixerBase(nn.Module):
         self.gate = nn.Linear(d, d, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
 
-    def streams(self, x: Tensor, doc_start: Tensor | None) -> list[Tensor]:
-        """Project, convolve and split into per-head streams, each (B, H, T, w). The projection's rows are
-        head-major ([head, stream, w]), so a contiguous slice of them holds whole heads (tensor parallelism)."""
+    def streams(self, x: Tensor, doc_start: Tensor | None, conv_tail: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """Project, convolve (continuing from `conv_tail`) and split into per-head streams, each (B, H, T, w);
+        also the conv's tail for the next call. The projection's rows are head-major ([head, stream, w]), so a
+        contiguous slice of them holds whole heads (tensor parallelism)."""
         B, T, _ = x.shape
-        u = F.silu(self.conv(self.in_proj(x), doc_start))
+        p = self.in_proj(x)
+        u = F.silu(self.conv(p, doc_start, conv_tail))
         u = u.view(B, T, -1, self.n_streams, self.head_dim).permute(3, 0, 2, 1, 4)
-        return list(u.unbind(0))
+        return list(u.unbind(0)), self.conv.next_tail(p, doc_start, conv_tail)
 
     def output(self, o: Tensor, x: Tensor) -> Tensor:
         """o: (B, H, T, w) memory read-outs -> out_proj(sigmoid(gate(x)) * norm(o))."""
@@ -116,16 +127,16 @@ class SelfModifyingTitans(_MixerBase):
 
     def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
                 ) -> tuple[Tensor, MixerState]:
-        q_in, k_in, v_in, g_in = self.streams(x, doc_start)
+        (q_in, k_in, v_in, g_in), conv = self.streams(x, doc_start, None if state is None else state.conv)
         gens = [k_in, v_in, g_in, g_in] + ([q_in] if self.cfg.memory.adaptive_q else [])
         readouts = GateReadouts(local(self.eta_readout), local(self.eta_bias), local(self.alpha_readout),
                                 local(self.alpha_bias), self.cfg.memory.eta_max)
         log_beta = F.logsigmoid(self.beta_proj(x)).transpose(1, 2) if self.beta_proj is not None else None
-        o, state = self_modifying_scan(
+        o, memory = self_modifying_scan(
             torch.stack(gens, dim=2), None if self.cfg.memory.adaptive_q else q_in, log_beta,
             local_dict(self.gen_init), local_dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
-            state=state, impl=self.cfg.memory.impl)
-        return self.output(o, x), state
+            state=None if state is None else state.memory, impl=self.cfg.memory.impl)
+        return self.output(o, x), MixerState(memory, conv)
 
 
 class TitansMixer(_MixerBase):
@@ -149,18 +160,18 @@ class TitansMixer(_MixerBase):
 
     def forward(self, x: Tensor, doc_start: Tensor | None = None, state: MixerState | None = None
                 ) -> tuple[Tensor, MixerState]:
-        q, k, v = self.streams(x, doc_start)
+        (q, k, v), conv = self.streams(x, doc_start, None if state is None else state.conv)
         # rows head-major ([head, gate]); (B, H, T) each
         gates = self.gate_proj(x).unflatten(-1, (-1, self.n_gates)).permute(3, 0, 2, 1).unbind(0)
         eta_pre, alpha_pre = gates[:2]
         log_beta = F.logsigmoid(gates[2]) if len(gates) == 3 else None
         init = {n: t[:, 0] for n, t in local_dict(self.mem_init).items()}
-        o, state = memory_scan(
+        o, memory = memory_scan(
             init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
             F.logsigmoid(alpha_pre), log_beta, doc_start[:, None].expand_as(eta_pre)
-            if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts, state=state,
-            impl=self.cfg.memory.impl)
-        return self.output(o, x), state
+            if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts,
+            state=None if state is None else state.memory, impl=self.cfg.memory.impl)
+        return self.output(o, x), MixerState(memory, conv)
 
 
 def mixer_forward_flops(cfg: ModelConfig, seq_len: int, self_modifying: bool) -> float:

@@ -15,11 +15,13 @@ def data(B: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def reference(model, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(model, tokens: torch.Tensor, targets: torch.Tensor, doc_start: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence on its own, chunk by chunk, carrying the mixer states. The adapting levels read
     theta_0 + delta with delta a constant (first-order); after each chunk, the gradient of the chunk's summed loss
     w.r.t. the weights just read is added to the level's sum, and a level whose inner_chunk divides the chunk end
-    takes the SGD step delta -= lr * sum."""
+    takes the SGD step delta -= lr * sum. A document start (at a chunk start) restores theta_0 (delta = 0) and
+    drops the pending sums of every level."""
     cfg = model.cfg
     C, lr = cfg.cms.inner_chunk, cfg.cms.inner_lr
     period = {l: lvl.inner_chunk for l, lvl in enumerate(cfg.cms.levels) if lvl.inner_chunk}
@@ -32,10 +34,14 @@ def reference(model, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch
         states = [None] * len(model.blocks)
         row = []
         for s in range(0, T, C):
+            doc = None if doc_start is None else doc_start[b:b + 1, s:s + C]
+            if doc is not None and doc[0, 0]:
+                delta = {key: {n: torch.zeros_like(d) for n, d in ds.items()} for key, ds in delta.items()}
+                acc = {key: {n: torch.zeros_like(a) for n, a in sums.items()} for key, sums in acc.items()}
             weights = {key: {n: p + delta[key][n] for n, p in ps.items()} for key, ps in theta0.items()}
             x = model.embed(tokens[b:b + 1, s:s + C])
             for i, blk in enumerate(model.blocks):
-                h, states[i] = blk.mixer(blk.mixer_norm(x), None, states[i])
+                h, states[i] = blk.mixer(blk.mixer_norm(x), doc, states[i])
                 x = x + h
                 for l, lvl in enumerate(blk.cms.levels):
                     n = lvl.norm(x)
@@ -135,3 +141,59 @@ def test_document_starts_restore_the_meta_learned_weights(build):
     doc[1, 20] = True
     with pytest.raises(ValueError, match="multiples of the inner chunk"):
         model.forward_inner_updates(tokens, targets, doc)
+
+
+def randomize_mixers(model, seed: int) -> None:
+    """Random conv filters and random perturbations of the memory inits: the conv starts as the identity (a tap on
+    the current token only), which would hide a conv that forgets the previous chunk's tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.blocks:
+            mixer = blk.mixer
+            for p in (mixer.conv.weight, *mixer.gen_init.values(), *mixer.mem_init.values()):
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+@pytest.mark.parametrize("conv_width", [2, 4])
+def test_zero_inner_lr_equals_plain_forward_with_random_mixers(build, ratio, conv_width):
+    """inner_lr = 0 with inner_chunk = ratio * memory.chunk_size: running the blocks once per CMS chunk must be the
+    plain forward (logits and every gradient), so the mixers carry the conv's last inputs and the memory state
+    across CMS chunks. A document start at a chunk start keeps the conv from reaching back across it."""
+    C = 8
+    levels = f"[{{hidden=64, inner_chunk={ratio * C}}}, {{hidden=48, inner_chunk={2 * ratio * C}}}, {{hidden=32}}]"
+    model = build("hope", "--model.cms.inner_updates=true", "--model.cms.inner_lr=0",
+                  f"--model.conv_width={conv_width}", f"--model.memory.chunk_size={C}", f"--model.cms.levels={levels}")
+    randomize_mixers(model, seed=10 * ratio + conv_width)
+    tokens, targets = data()
+    doc = torch.zeros(2, T, dtype=torch.bool)
+    doc[:, 0] = True
+    doc[1, 32] = True
+    logits, loss = model.forward_inner_updates(tokens, targets, doc)
+    plain_logits = model(tokens, doc)
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-10, atol=1e-10)
+    g_inner = grads_of(model, loss)
+    g_plain = grads_of(model, F.cross_entropy(plain_logits.flatten(0, 1), targets.flatten()))
+    for n in g_plain:
+        torch.testing.assert_close(g_inner[n], g_plain[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_document_start_inside_a_slower_levels_chunk(build):
+    """A document starting at a multiple of the smallest inner_chunk (16) but not of level 1's (32): the restart
+    must also drop level 1's pending gradient sum, which at the next step of level 1 would otherwise add the
+    gradient of the previous document's chunk."""
+    model = build("hope", *INNER)
+    randomize_mixers(model, seed=3)
+    tokens, targets = data()
+    doc = torch.zeros(2, T, dtype=torch.bool)
+    doc[:, 0] = True
+    doc[0, 16] = True
+    doc[1, 48] = True
+    logits, loss = model.forward_inner_updates(tokens, targets, doc)
+    ref_logits, ref_loss = reference(model, tokens, targets, doc)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-9)
+    g = grads_of(model, loss)
+    g_ref = grads_of(model, ref_loss)
+    for n in g_ref:
+        torch.testing.assert_close(g[n], g_ref[n], rtol=1e-8, atol=1e-10, msg=n)

@@ -52,3 +52,13 @@ def test_presets_load(name):
 
 def test_inner_chunk_is_smallest_active(tiny):
     assert tiny("hope").cms.inner_chunk == 16
+
+
+def test_inner_chunk_must_be_a_multiple_of_the_memory_chunk():
+    """With in-sequence CMS updates the blocks run once per CMS chunk, which must start on the memory's chunk
+    grid; without them the level chunks are not used and any value loads."""
+    bad = ["--model.memory.chunk_size=32"]  # hope_tiny's levels: inner_chunk 16 and 32
+    with pytest.raises(ConfigError, match=r"model\.cms\.levels\[0\]\.inner_chunk = 16 is not a multiple of "
+                                          r"model\.memory\.chunk_size = 32"):
+        load(str(CONFIGS / "hope_tiny.toml"), [*bad, "--model.cms.inner_updates=true"])
+    assert load(str(CONFIGS / "hope_tiny.toml"), bad).model.memory.chunk_size == 32

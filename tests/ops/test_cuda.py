@@ -47,7 +47,7 @@ def test_cuda_bf16_mixer_step():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y, state = mixer(x)
     y.float().square().mean().backward()
-    assert all(s.dtype == torch.float32 for s in state.values())
+    assert all(s.dtype == torch.float32 for s in state.memory.values())
     assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in mixer.parameters())
     # only the projections around the fp32 inner loop run in bf16
     assert ((y.float() - ref).norm() / ref.norm()) < 3e-2

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_hope.config import MemoryConfig, ModelConfig
@@ -37,12 +38,14 @@ def test_mixer_chunked_matches_sequential(name, kind, momentum, adaptive_q):
     for impl in ("chunked", "sequential"):
         m.cfg.memory.impl = impl
         y, state = m(x, ds)
-        loss = (y * torch.linspace(-1, 1, 24, dtype=torch.float64)).sum() + sum(s.square().sum() for s in state.values())
+        loss = (y * torch.linspace(-1, 1, 24, dtype=torch.float64)).sum()
+        loss = loss + sum(s.square().sum() for s in state.memory.values())
         results.append((y, state, torch.autograd.grad(loss, [x, *m.parameters()])))
     (y1, s1, g1), (y2, s2, g2) = results
     torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
-    for n in s1:
-        torch.testing.assert_close(s1[n], s2[n], rtol=1e-10, atol=1e-10)
+    for n in s1.memory:
+        torch.testing.assert_close(s1.memory[n], s2.memory[n], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s1.conv, s2.conv, rtol=0, atol=0)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
@@ -71,18 +74,28 @@ def test_mixer_document_isolation(name):
     torch.testing.assert_close(y[:, 8:], alone, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_mixer_state_continues_across_calls(name):
-    m = _mixer(name, chunk_size=4)
+@pytest.mark.parametrize("name,kind,conv_width", [("smt", "mlp", 4), ("smt", "linear", 3), ("smt", "mlp", 2),
+                                                    ("titans", "mlp", 4), ("titans", "linear", 2)])
+def test_mixer_state_continues_across_calls(name, kind, conv_width):
+    """Running [0, 8) then [8, 16) from the carried state == one call: outputs and final state, with random conv
+    filters and memory inits. Row 0 starts a document at 7, inside the conv's reach of the split (the carry must
+    not let tokens 8.. see 5 and 6), and at 9; row 1 at 10."""
+    cfg = ModelConfig(d_model=24, n_heads=3, conv_width=conv_width, memory=MemoryConfig(kind=kind, chunk_size=4))
+    torch.manual_seed(0)
+    m = MIXERS[name](cfg).double()
+    with torch.no_grad():
+        for p in (m.conv.weight, *m.mem_init.values(), *getattr(m, "gen_init", {}).values()):
+            p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(2, 16, 24, dtype=torch.float64)
-    ds = _doc_start(2, 16, [(1, 10)])
+    ds = _doc_start(2, 16, [(0, 7), (0, 9), (1, 10)])
     y, s = m(x, ds)
     y1, s1 = m(x[:, :8], ds[:, :8])
     y2, s2 = m(x[:, 8:], ds[:, 8:], state=s1)
-    # the conv looks back conv_width - 1 tokens, which the second call does not see: compare from there on
-    torch.testing.assert_close(torch.cat([y1, y2[:, 3:]], 1), torch.cat([y[:, :8], y[:, 11:]], 1), rtol=0, atol=1e-12)
-    for n in s:
-        assert s2[n].shape == s[n].shape
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-12, atol=1e-12)
+    leaves, leaves2 = tree_leaves(s), tree_leaves(s2)
+    assert len(leaves) == len(leaves2)
+    for a, b in zip(leaves, leaves2):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name,kind,readout,dgd,momentum", list(itertools.product(
@@ -107,7 +120,7 @@ def test_inner_loop_stays_fp32_under_autocast():
     ref, _ = m(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, state = m(x)
-    assert y.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in state.values())
+    assert y.dtype == torch.bfloat16 and all(s.dtype == torch.float32 for s in state.memory.values())
     assert ((y.float() - ref).norm() / ref.norm()) < 3e-2
 
 
@@ -124,4 +137,4 @@ def test_states_stay_bounded_on_long_correlated_inputs(kind):
     assert torch.isfinite(y).all()
     # additive updates of norm <= eta_max * grad_clip per token, retention <= 1, contraction of the DGD factor:
     # the states stay within a few hundred of their init
-    assert max(s.abs().max().item() for s in state.values()) < 1e3
+    assert max(s.abs().max().item() for s in state.memory.values()) < 1e3
