@@ -148,7 +148,10 @@ down() {
     fi
     stop "${NODES[@]/#/$DIR/pid/slurmd-}" "$DIR/pid/slurmctld" "$DIR/pid/munged"  # each takes ~2 s to exit
     local node
-    for node in "${NODES[@]}"; do ip netns del "hope-$node" 2>/dev/null || true; done
+    for node in "${NODES[@]}"; do
+        ip netns del "hope-$node" 2>/dev/null || true
+        ip link del "vh-$node" 2>/dev/null || true  # the kernel may keep a deleted namespace, and its veth, a while
+    done
     ip link del "$BRIDGE" 2>/dev/null || true
     if grep -q -- "$MARK" /etc/hosts; then
         local kept; kept=$(grep -v -- "$MARK" /etc/hosts)

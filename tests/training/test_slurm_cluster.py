@@ -2,11 +2,13 @@
 and munge, two slurmd in their own network and UTS namespaces): jobs rendered and submitted by launch.submit.
 
 (1) a 2-node torchrun job reproduces the single-process run; (2) a job signalled with USR1 checkpoints, requeues
-itself, resumes and ends with the parameters of the uninterrupted job, bit for bit; (3) one rank killed mid-run
-ends the whole job in under 30 s; (4) an mpi4py-bootstrapped job (srun --mpi=pmix) reproduces the single-process
-run, and so does a plain `srun python -m launch.train` job; training started in the batch script itself (not a
-task) is refused at once. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run
-installs them)."""
+itself, resumes and ends with the parameters of the uninterrupted job, bit for bit, its first run's tasks exiting
+75 (a clean stop, not torchrun's failure), and a stopped job that cannot be requeued ends with exit code 75;
+(3) one rank killed mid-run ends the whole job in under 30 s; (4) an mpi4py-bootstrapped job (srun --mpi=pmix)
+reproduces the single-process run, and so does a plain `srun python -m launch.train` job; training started in
+the batch script itself (not a task) is refused at once; (5) the cluster comes up again over a node's veth that
+outlived `down`. Skips, saying why, without root, network namespaces or the SLURM packages (.ci/run installs
+them)."""
 from __future__ import annotations
 
 import json
@@ -63,9 +65,11 @@ def setup(data, tmp_path_factory):
     return root, config, run_in_process(argv + ["--train.run_name=ref"], root / "ref.pt")
 
 
-def submit(root: Path, config: Path, name: str, template: str = "torchrun", steps: int = STEPS) -> str:
+def submit(root: Path, config: Path, name: str, template: str = "torchrun", steps: int = STEPS,
+           sbatch_args: tuple[str, ...] = ()) -> str:
     cmd = [sys.executable, "-m", "launch.submit", "--config", str(config), "--nodes", "2", "--template", template,
            "--job-name", name, "--time", "00:10:00", "--output", str(root / "%x-%j.out"),
+           *(f"--sbatch-arg={a}" for a in sbatch_args),
            f"--train.runs_dir={root / 'runs'}", f"--train.train_steps={steps}", "--train.eval_batches=0"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -187,12 +191,34 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(setup, straight_
     state = wait_job(job, timeout=300)
     log = output(root, "signalled", job)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log
-    assert "restart 1" in log
+    first_run = log[:log.index(f"job {job} restart 1")]
+    assert task_exits(first_run) == {0: "Exited with exit code 75", 1: "Exited with exit code 75"}, first_run
     assert "stop signal" in (run_dir / "train.log").read_text()
     resumed = job_result(root, "signalled", job)
     assert resumed["params"].keys() == straight_job["params"].keys()
     for name, value in straight_job["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+
+
+@pytest.mark.parametrize("template", ["torchrun", "mpi"])
+def test_a_stopped_job_that_cannot_be_requeued_ends_with_exit_code_75(setup, cluster, template):
+    """Submitted with --no-requeue, the trainer's `scontrol requeue` fails: the tasks and the batch script exit 75,
+    and the job ends FAILED with exit code 75 (not torchrun's 1, nor 143 of a rank srun terminated)."""
+    root, config, _ = setup
+    name = f"norequeue-{template}"
+    job = submit(root, config, name, template=template, steps=100000, sbatch_args=("--no-requeue",))
+    wait_for_steps(root / "runs" / f"{name}-{job}", job, 2)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    state = wait_job(job, timeout=120)
+    log = output(root, name, job)
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "75:0", "0"), log
+    assert f"scontrol requeue {job} failed" in log
+    assert task_exits(log) == {0: "Exited with exit code 75", 1: "Exited with exit code 75"}, log
+
+
+def task_exits(log: str) -> dict[int, str]:
+    """How srun reported each task's end in a job's output ("Exited with exit code N", "Terminated", ...)."""
+    return {int(task): how for task, how in re.findall(r"srun: error: \S+: task (\d+): (.+)", log)}
 
 
 def test_one_rank_killed_ends_the_job_within_30_seconds(setup, cluster):
@@ -224,3 +250,15 @@ def job_and_rank(pid: int) -> tuple[str, int] | None:
     if "SLURM_JOB_ID" not in environ or "RANK" not in environ:
         return None
     return environ["SLURM_JOB_ID"], int(environ["RANK"])
+
+
+def test_bring_up_clears_a_node_link_left_by_an_earlier_cluster(cluster):
+    """The kernel can keep a deleted node namespace, and the veth into it, for minutes after `down` (seen after
+    this module's jobs); the next `up` must not fail on the veth's name."""
+    subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120, check=True)
+    try:
+        subprocess.run(["ip", "link", "add", "vh-n1", "type", "veth", "peer", "name", "vh-n1-peer"], check=True)
+        up = subprocess.run(["bash", str(CLUSTER), "up"], capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr[-3000:]
+    finally:
+        subprocess.run(["ip", "link", "del", "vh-n1-peer"], capture_output=True)  # only left where `up` failed
