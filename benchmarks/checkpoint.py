@@ -4,7 +4,8 @@ manifest checksums and the rename happen in the background), the async save's ti
 (find with checksum verification + resharding load), for the tiny and the ~125M presets with a stepped AdamW
 state. Each mode saves 1 + --repeats times (the modes alternating); the table shows the medians of the saves after
 the first (a run's steady state), the first async save's blocking time (which allocates the staging buffers)
-and the median of --repeats loads.
+and the median of --repeats loads. Then, on the newest checkpoint, what reading its metadata and checking its
+files cost: DCP's pickle reader against the safe reader, and the checks of retention, of a load and of `verify`.
 
 `python -m benchmarks.checkpoint` prints a table and `key: value` lines; `async_blocking_over_sync` is the
 ~125M preset's async blocking time over its synchronous save time (goal <= 0.10).
@@ -20,10 +21,13 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 
 from benchmarks.common import emit
 from checkpoints.layout import step_dirs
 from checkpoints.manager import CheckpointManager
+from checkpoints.manifest import file_problems, problems
+from checkpoints.safe_reader import SafeFileSystemReader
 from checkpoints.state import TrainingState
 from megatron_hope.config import load
 from megatron_hope.model.lm import HopeLM
@@ -76,6 +80,23 @@ def timed_save(manager: CheckpointManager, state: TrainingState) -> tuple[float,
     return blocked, time.perf_counter() - start
 
 
+def integrity_costs(checkpoint: Path, repeats: int) -> dict[str, float]:
+    """Medians of `repeats` rounds, the readers and checks alternating: DCP's own metadata reader (pickle) and the
+    safe reader; the checks of retention (sizes), of a load without and with hashes."""
+    costs = {"metadata_pickle_s": lambda: FileSystemReader(str(checkpoint)).read_metadata(),
+             "metadata_safe_s": lambda: SafeFileSystemReader(str(checkpoint)).read_metadata(),
+             "check_sizes_s": lambda: file_problems(checkpoint),
+             "check_no_hash_s": lambda: problems(checkpoint, checksums=False),
+             "check_hash_s": lambda: problems(checkpoint, checksums=True)}
+    times: dict[str, list[float]] = {key: [] for key in costs}
+    for _ in range(repeats):
+        for key, run in costs.items():
+            start = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - start)
+    return {key: median(t) for key, t in times.items()}
+
+
 def measure(preset: str, root: Path, repeats: int) -> dict[str, float]:
     """One run per mode saving 1 + repeats times, the modes alternating (so that both see the same background
     load); medians of the later saves, the first async save's blocking time, the median of `repeats` loads."""
@@ -94,7 +115,7 @@ def measure(preset: str, root: Path, repeats: int) -> dict[str, float]:
         managers["async"].load(state, managers["async"].find("auto"))
         loads.append(time.perf_counter() - start)
     newest = step_dirs(managers["async"].root)[0]
-    results = {"params_m": count_parameters(state.cfg.model)["total"] / 1e6,
+    results = integrity_costs(newest, repeats) | {"params_m": count_parameters(state.cfg.model)["total"] / 1e6,
                "bytes": sum(p.stat().st_size for p in newest.iterdir()),
                "sync_later_total_s": median(total for _, total in saves["sync"][1:]),
                "async_first_blocking_s": saves["async"][0][0],
@@ -125,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['async_later_total_s'] / sync:11.3f} {r['load_s'] / sync:10.3f}")
     for preset, r in rows.items():
         for key in ("bytes", "sync_later_total_s", "async_first_blocking_s", "async_later_blocking_s",
-                    "async_later_total_s", "load_s"):
+                    "async_later_total_s", "load_s", "metadata_pickle_s", "metadata_safe_s", "check_sizes_s",
+                    "check_no_hash_s", "check_hash_s"):
             emit(f"{preset}_{key}", r[key])
     if "125m" in rows:  # a run's steady state: every save after the first
         emit("async_blocking_over_sync", rows["125m"]["async_later_blocking_s"] / rows["125m"]["sync_later_total_s"])

@@ -6,6 +6,8 @@ import re
 import shutil
 from pathlib import Path
 
+from checkpoints.manifest import file_problems
+
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
@@ -89,12 +91,32 @@ def to_delete(steps: list[int], keep_last: int, keep_every: int, protect: set[in
             if s not in newest and s not in protect and not (keep_every and s % keep_every == 0)]
 
 
-def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Apply retention to the complete checkpoints under `root`; returns the removed directories."""
+def prune(root: Path, keep_last: int, keep_every: int) -> tuple[list[Path], list[Path]]:
+    """Apply retention to the checkpoints under `root` whose files are intact (all there with the manifest's
+    sizes: one stat per file at every save; hashes and metadata are `--resume`'s and `verify`'s job, and
+    `--resume auto` sets aside the damaged ones it finds): a damaged checkpoint neither counts among the newest
+    keep_last nor is deleted, so retention never removes the newest intact checkpoint while keeping a damaged
+    one. Returns (removed directories, damaged ones left in place)."""
     latest = read_latest(root)
-    dirs = {step_of(p): p for p in step_dirs(root)}
+    intact, damaged = {}, []
+    for p in step_dirs(root):
+        if file_problems(p):
+            damaged.append(p)
+        else:
+            intact[step_of(p)] = p
     protect = {step_of(latest)} if latest is not None else set()
-    removed = [dirs[s] for s in to_delete(list(dirs), keep_last, keep_every, protect)]
+    removed = [intact[s] for s in to_delete(list(intact), keep_last, keep_every, protect)]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
-    return removed
+    return removed, damaged
+
+
+def set_aside(path: Path, suffix: str) -> Path:
+    """Rename `path` to <its name>.<suffix> (then -2, -3, ... when taken) beside it, out of the names that
+    resuming and retention look at; nothing is deleted. Returns the new path."""
+    target, n = path.with_name(f"{path.name}.{suffix}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{suffix}-{n}")
+    os.replace(path, target)
+    return target

@@ -24,11 +24,19 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from data_pipeline.dataset import PackedTokenDataset
 from megatron_hope.config import Config
+from megatron_hope.model.summary import count_parameters
 from megatron_hope.parallel import deepspeed_engine
 from megatron_hope.training.loop import Trainer
 
 RUN_STATE = "run_state.json"
 CONFIG = "config.toml"
+
+
+def estimated_checkpoint_bytes(cfg: Config) -> int:
+    """About what one checkpoint takes on disk: fp32 parameters and AdamW's two fp32 moments, 12 bytes per
+    parameter (the run state, RNG files and metadata add little; pending CMS gradients add up to 4 bytes per
+    CMS parameter per rank)."""
+    return 12 * count_parameters(cfg.model)["total"]
 
 
 def rank_files(rank: int) -> tuple[str, str]:

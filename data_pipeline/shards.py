@@ -35,11 +35,26 @@ class ReadOptions:
     skip_corrupt: bool = False
 
 
+REBUILD = "restore it from a copy or re-run python -m data_pipeline.prepare to rebuild the shards"
+
+
+def check_shard_files(directory: Path, split: SplitInfo) -> None:
+    """Every shard of `split` is present with the manifest's byte size: a cheap check (nothing is read) for the
+    start of a run. The sha256 is checked when the loader opens a shard, before any of its tokens are used."""
+    for info in split.shards:
+        path = directory / info.name
+        if not path.is_file():
+            raise DataPipelineError(f"shard {path} listed in the manifest is missing; {REBUILD}")
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise DataPipelineError(f"shard {path} has {size} bytes, the manifest says {info.bytes} (truncated or "
+                                    f"replaced); {REBUILD}")
+
+
 def _load_shard(path: Path, info: ShardInfo, options: ReadOptions, issues: IssueLog) -> bytes | None:
     """The shard's bytes, or None when it is corrupt and corrupt shards are skipped."""
     if not path.is_file():
-        raise DataPipelineError(f"shard {path} listed in the manifest is missing; restore it or re-run "
-                                "python -m data_pipeline.prepare to rebuild the shards")
+        raise DataPipelineError(f"shard {path} listed in the manifest is missing; {REBUILD}")
     data = path.read_bytes()
     if options.verify_checksums:
         actual = hashlib.sha256(data).hexdigest()
@@ -47,8 +62,8 @@ def _load_shard(path: Path, info: ShardInfo, options: ReadOptions, issues: Issue
             message = (f"shard {path} does not match its manifest checksum (sha256 {actual[:12]}..., "
                        f"expected {info.sha256[:12]}...; {len(data)} bytes, expected {info.bytes})")
             if not options.skip_corrupt:
-                raise DataPipelineError(f"{message}; re-run python -m data_pipeline.prepare, "
-                                        "or set skip_corrupt=True to skip such shards")
+                raise DataPipelineError(f"{message}; {REBUILD} (a PackedTokenDataset with skip_corrupt=True "
+                                        "skips such shards)")
             issues.add("checksum_mismatch", f"{message}; shard skipped")
             return None
     return data

@@ -8,6 +8,7 @@ from pathlib import Path
 from data_pipeline.dataset import LoaderConfig, PackedTokenDataset
 from data_pipeline.errors import DataPipelineError
 from data_pipeline.manifest import MANIFEST_FILE, Manifest
+from data_pipeline.shards import check_shard_files
 from data_pipeline.tokenizer import Tokenizer
 from megatron_hope.config import Config
 from megatron_hope.config_base import ConfigError
@@ -30,8 +31,9 @@ def _load_manifest(field: str, path: str) -> Manifest:
 
 
 def check_data(cfg: Config) -> None:
-    """The tokenizer fits the model's vocabulary, the manifests were made with that tokenizer, and each split
-    holds at least one global batch. Call after cfg.validate_run."""
+    """The tokenizer fits the model's vocabulary, the manifests were made with that tokenizer, each split's shards
+    are all there with their manifest sizes, and each split holds at least one global batch. Call after
+    cfg.validate_run."""
     d, t = cfg.data, cfg.train
     try:
         card = Tokenizer(d.tokenizer_dir).card
@@ -48,6 +50,7 @@ def check_data(cfg: Config) -> None:
                               f"{d.tokenizer_dir!r}; point both at the same data_pipeline output")
         try:
             info = manifest.split(split)
+            check_shard_files(manifest_dir(getattr(d, field)), info)
         except DataPipelineError as e:
             raise ConfigError(f"data.{field}: {e}") from None
         stream = info.tokens + info.documents  # the loader appends eos to every document

@@ -7,18 +7,22 @@ The config is loaded and checked, data included, before any process group starts
 rank with one message naming the field. Rank 0 writes runs_dir/run_name/: config.toml (the resolved config),
 train.log, metrics.jsonl and tensorboard/; every rank writes checkpoints/ (checkpoint.save_interval).
 
-`--resume auto` continues run_name from its newest valid checkpoint (a fresh start when it has none);
-`--resume DIR` starts from the checkpoint DIR, in any parallel layout. SIGUSR1 or SIGTERM saves a checkpoint at
-the end of the current step and stops with exit status 75; under SLURM the job is requeued first, and the
-requeued job resumes with --resume auto.
+One run at a time uses a run directory (rank 0 holds runs_dir/run_name/.lock). `--resume auto` continues
+run_name from its newest valid checkpoint (a fresh start when it has none; refused when every one is damaged);
+`--resume none` starts run_name again from step 0, keeping its earlier checkpoints under another name;
+`--resume DIR` starts from the checkpoint DIR, in any parallel layout. SIGUSR1, SIGTERM or Ctrl-C saves a
+checkpoint at the end of the current step and stops with exit status 75 (a second Ctrl-C stops at once, 130);
+under SLURM the job is requeued first, and the requeued job resumes with --resume auto. Errors are one line:
+exit status 2 for bad input found before training (config, data, checkpoint to resume, run directory), 1 after.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +33,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 
 from checkpoints.errors import CheckpointError
-from checkpoints.manager import CheckpointManager
-from checkpoints.state import TrainingState
+from checkpoints.describe import checkpoint_dir
+from checkpoints.manager import CheckpointManager, check_resumable
+from checkpoints.state import TrainingState, estimated_checkpoint_bytes
 from data_pipeline.errors import DataPipelineError
 from launch.data import check_data, train_batches, train_dataset, val_batches
 from launch.env import ProcessEnv
+from launch.run_dir import RunDirectoryInUse, RunLock, check_writable, run_directory
 from launch.slurm_requeue import requeue_current_job
-from launch.stop import EXIT_STOPPED, StopRequest
+from launch.stop import EXIT_INTERRUPTED, EXIT_STOPPED, StopRequest, mark_stopped
 from megatron_hope.config import Config, load
 from megatron_hope.config_base import ConfigError, to_toml
 from megatron_hope.model.lm import HopeLM
@@ -46,6 +52,8 @@ from megatron_hope.parallel.mesh import init_mesh
 from megatron_hope.parallel.pipeline import Pipeline, build_pipeline
 from megatron_hope.parallel.recompute import apply_recompute
 from megatron_hope.parallel.tensor_parallel import apply_tensor_parallel
+from megatron_hope.training.comm_counter import CommCounter
+from megatron_hope.training.deepspeed_trainer import DeepSpeedTrainer, init_optimizer_state
 from megatron_hope.training.loop import Trainer, TrainingError, TrainResult
 from megatron_hope.training.metrics import RunLogger, peak_flops
 from megatron_hope.training.optimizer import build_optimizer, init_state
@@ -71,8 +79,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
                                      epilog="Any other --section.field=value overrides the config file.")
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/quickstart.toml")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    parser.add_argument("--resume", help="\"auto\" (this run's newest valid checkpoint) or a checkpoint directory;"
-                        " sets checkpoint.resume")
+    parser.add_argument("--resume", help="\"auto\" (this run's newest valid checkpoint), \"none\" (this run again "
+                        "from step 0) or a checkpoint directory; sets checkpoint.resume")
     args, overrides = parser.parse_known_args(argv)
     if args.resume is not None:
         overrides.append(f"--checkpoint.resume={args.resume}")
@@ -87,24 +95,11 @@ def prepare(argv: list[str] | None, env: ProcessEnv) -> Run:
     check_data(cfg)
     device = env.device(cfg.train.device)
     run_dir = run_directory(cfg, config_path)
+    check_writable(run_dir)
+    if cfg.checkpoint.resume not in ("", "auto", "none"):  # a checkpoint directory: checked before any rank starts
+        check_resumable(cfg, checkpoint_dir(Path(cfg.checkpoint.resume)), train_dataset(cfg, 0, 1).state_dict())
     cfg.train.run_name = run_dir.name  # the resolved config names its run
     return Run(cfg, run_dir, env, device)
-
-
-def run_directory(cfg: Config, config_path: str) -> Path:
-    """runs_dir/run_name; without a name, <config stem>-<date>-<time>[-N], the first that is free."""
-    runs = Path(cfg.train.runs_dir)
-    if cfg.train.run_name:
-        if (runs / cfg.train.run_name).exists() and cfg.checkpoint.resume != "auto":
-            raise ConfigError(f"train.run_name: {runs / cfg.train.run_name} already exists; continue it with "
-                              "--resume auto, or choose another name")
-        return runs / cfg.train.run_name
-    base = f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, n = runs / base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = runs / f"{base}-{n}"
-    return run_dir
 
 
 def start_process_group(run: Run) -> DeviceMesh | None:
@@ -163,53 +158,141 @@ def cms_periods(cfg: Config) -> list[int] | None:
 
 
 def train(run: Run, mesh: DeviceMesh | None, stop: StopRequest | None = None) -> tuple[nn.Module, TrainResult]:
-    """Build everything, resume if asked, and train; `mesh` is start_process_group's; `stop` catches the stop
-    signals (installed here if not given)."""
-    cfg, rank, world = run.cfg, run.env.rank, run.env.world_size
-    if run.is_main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.toml").write_text(to_toml(cfg))
+    """Lock the run directory, build everything, resume if asked, and train; `mesh` is start_process_group's;
+    `stop` catches the stop signals (installed here if not given). A checkpoint save in flight completes on every
+    way out, an error included."""
+    cfg = run.cfg
+    with run_directory_lock(run) as lock_warning, stop_request(stop) as stop:
+        if run.is_main:
+            (run.run_dir / "config.toml").write_text(to_toml(cfg))
+        logger = RunLogger(run.run_dir, cfg.train.train_steps, enabled=run.is_main)
+        try:
+            state = build_state(run, mesh, logger)
+            for warning in filter(None, (lock_warning, disk_space_warning(run) if run.is_main else None)):
+                logger.message(f"warning: {warning}")
+            checkpoints = CheckpointManager(run.run_dir, cfg.checkpoint, logger.message)
+            with saves_completed(checkpoints, logger):
+                resume(cfg, checkpoints, state)
+                result = state.trainer.fit(train_batches(cfg, state.dataset),
+                                           val_batches(cfg, *data_rank(run, mesh)) if cfg.train.eval_batches else None,
+                                           after_step=checkpoint_policy(run, state, checkpoints, stop))
+        finally:
+            logger.close()
+    return state.model, result
+
+
+def build_state(run: Run, mesh: DeviceMesh | None, logger: RunLogger) -> TrainingState:
+    """The model (sharded by the parallel plans, or wrapped by DeepSpeed), its optimizer, LR schedule and trainer,
+    and this rank's training data: everything a checkpoint saves."""
+    cfg = run.cfg
     model, pipeline = build_model(run, mesh)
     optimizer = build_optimizer(model, cfg.optim, cms_periods(cfg))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.train_steps))
-    logger = RunLogger(run.run_dir, cfg.train.train_steps, enabled=run.is_main)
     for line in describe(run, any(isinstance(m, FSDPModule) for m in model.modules())):
         logger.message(line)
     trainer_class = Trainer
     if cfg.parallel.dp_engine == "deepspeed":
         model = deepspeed_engine.initialize(model, optimizer, cfg, run.device)
-        trainer_class = deepspeed_engine.DeepSpeedTrainer
+        trainer_class = DeepSpeedTrainer
         logger.message(f"data parallelism: DeepSpeed ZeRO-{cfg.parallel.zero_stage}")
-        deepspeed_engine.init_optimizer_state(model)
+        init_optimizer_state(model)
     else:
         init_state(optimizer)
     trainer = trainer_class(model, optimizer, scheduler, cfg, run.device, logger,
                             training_flops_per_token(cfg.model, cfg.train.seq_len),
                             peak_flops(run.device, cfg.train.peak_flops), pipeline=pipeline)
     if cfg.train.log_comm_bytes:
-        from benchmarks.comm_counter import CommCounter
         trainer.comm_counter = CommCounter(mesh)
         if cfg.parallel.dp_engine == "fsdp2" and mesh is not None:
             trainer.comm_counter.count_fsdp_units(model)
-    dp_rank, dp_size = (mesh["dp"].get_local_rank(), mesh["dp"].size()) if mesh is not None else (rank, world)
-    dataset = train_dataset(cfg, dp_rank, dp_size)
-    state = TrainingState(cfg, model, optimizer, scheduler, trainer, dataset, rank, world)
-    checkpoints = CheckpointManager(run.run_dir, cfg.checkpoint, logger.message)
+    dataset = train_dataset(cfg, *data_rank(run, mesh))
+    return TrainingState(cfg, model, optimizer, scheduler, trainer, dataset, run.env.rank, run.env.world_size)
+
+
+def data_rank(run: Run, mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(this rank's index, the number of ranks) among those that read different data."""
+    if mesh is not None:
+        return mesh["dp"].get_local_rank(), mesh["dp"].size()
+    return run.env.rank, run.env.world_size
+
+
+@contextlib.contextmanager
+def stop_request(given: StopRequest | None) -> Iterator[StopRequest]:
+    """`given`, or a StopRequest whose signal handlers are put back when the block ends."""
+    if given is not None:
+        yield given
+        return
+    stop = StopRequest()
     try:
-        if cfg.checkpoint.resume:
-            resume_from = checkpoints.find(cfg.checkpoint.resume)
-            if resume_from is not None:
-                checkpoints.load(state, resume_from)
-                logger.start_at(trainer.steps_done)
-            else:
-                logger.message(f"no checkpoint in {checkpoints.root}: starting at step 0")
-        result = trainer.fit(train_batches(cfg, dataset),
-                             val_batches(cfg, dp_rank, dp_size) if cfg.train.eval_batches else None,
-                             after_step=checkpoint_policy(run, state, checkpoints, stop or StopRequest()))
-        checkpoints.wait()
+        yield stop
     finally:
-        logger.close()
-    return model, result
+        stop.close()
+
+
+@contextlib.contextmanager
+def run_directory_lock(run: Run) -> Iterator[str | None]:
+    """Rank 0 holds the run directory's lock while the block runs (creating the directory); every rank raises
+    RunDirectoryInUse, naming the holder, when another run holds it. Yields the lock's warning (None: locked)."""
+    lock, refused = RunLock(run.run_dir), None
+    if run.is_main:
+        try:
+            lock.acquire()
+        except RunDirectoryInUse as e:
+            refused = str(e)
+    if dist.is_initialized():
+        box = [refused]
+        dist.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused:
+        raise RunDirectoryInUse(refused)
+    try:
+        yield lock.warning
+    finally:
+        lock.release()
+
+
+def disk_space_warning(run: Run) -> str | None:
+    """A warning when the checkpoints the run keeps at once (keep_last, plus the one being written) may not fit
+    in the free space of the run directory's file system."""
+    ck, t = run.cfg.checkpoint, run.cfg.train
+    planned = (t.train_steps // ck.save_interval if ck.save_interval else 0) + int(ck.save_final)
+    at_once = min(ck.keep_last + 1, planned) if ck.keep_last else planned
+    each = estimated_checkpoint_bytes(run.cfg)
+    free = shutil.disk_usage(run.run_dir).free
+    if at_once and free < at_once * each:
+        return (f"checkpoints take about {each / 2**30:.2f} GiB each and up to {at_once} exist at once "
+                f"(checkpoint.keep_last + the one being written): {at_once * each / 2**30:.2f} GiB, but only "
+                f"{free / 2**30:.2f} GiB are free on {run.run_dir}; saves may fail: free space, lower "
+                "checkpoint.keep_last or set train.runs_dir elsewhere")
+    return None
+
+
+@contextlib.contextmanager
+def saves_completed(checkpoints: CheckpointManager, logger: RunLogger) -> Iterator[None]:
+    """Wait for the save in flight when the block ends, however it ends: an error in training does not abandon
+    the last checkpoint it started. A failing save is then logged, and the training error is the one raised."""
+    try:
+        yield
+    except BaseException:
+        try:
+            checkpoints.wait()
+        except CheckpointError as e:
+            logger.message(f"error: {e}")
+        raise
+    checkpoints.wait()
+
+
+def resume(cfg: Config, checkpoints: CheckpointManager, state: TrainingState) -> None:
+    """Restore the checkpoint that checkpoint.resume names, if any (see CheckpointManager.find)."""
+    spec = cfg.checkpoint.resume
+    if not spec:
+        return
+    resume_from = checkpoints.find(spec)
+    if resume_from is not None:
+        checkpoints.load(state, resume_from)
+        state.trainer.logger.start_at(state.trainer.steps_done)
+    elif spec == "auto":
+        state.trainer.logger.message(f"no checkpoint in {checkpoints.root}: starting at step 0")
 
 
 def checkpoint_policy(run: Run, state: TrainingState, checkpoints: CheckpointManager,
@@ -238,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         env = ProcessEnv.from_environ()
         env.export()
         run = prepare(argv, env)
-    except (ConfigError, DataPipelineError) as e:
+    except (ConfigError, DataPipelineError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stop = StopRequest()
@@ -250,10 +333,19 @@ def main(argv: list[str] | None = None) -> int:
             requeued = run.is_main and requeue_current_job(os.environ)
             if dist.is_initialized():  # no rank exits (ending an srun --kill-on-bad-exit job) before the requeue
                 dist.barrier()
-    except (TrainingError, CheckpointError) as e:
+            mark_stopped(os.environ)  # before the stop handlers go: the requeue's SIGTERM may come at any moment
+    except ConfigError as e:  # the run directory is in use
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingError, CheckpointError, DataPipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted by a second Ctrl-C before the step's checkpoint; the run's earlier checkpoints "
+              "are kept (continue with --resume auto)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
+        stop.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     if stop.requested:

@@ -110,13 +110,21 @@ class ModelConfig:
             raise ConfigError(f"{path}: head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
         if self.conv_width < 1:
             raise ConfigError(f"{path}.conv_width = {self.conv_width} must be >= 1 (1 = no mixing)")
-        if self.init_std <= 0:
-            raise ConfigError(f"{path}.init_std = {self.init_std} must be > 0")
+        for name in ("init_std", "norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be > 0")
         self.memory.validate(f"{path}.memory")
         self.cms.validate(f"{path}.cms")
         if self.cms.inner_updates and self.arch != "hope":
             raise ConfigError(f"{path}.cms.inner_updates = true needs {path}.arch = 'hope' "
                               f"(arch {self.arch!r} has no CMS); set it to false")
+        # the blocks run once per CMS chunk and the mixer's memory carries its state from chunk end to chunk
+        # start, so a CMS chunk must start on the memory's chunk grid
+        for i, lvl in enumerate(self.cms.levels if self.cms.inner_updates else []):
+            if lvl.inner_chunk % self.memory.chunk_size:
+                raise ConfigError(f"{path}.cms.levels[{i}].inner_chunk = {lvl.inner_chunk} is not a multiple of "
+                                  f"{path}.memory.chunk_size = {self.memory.chunk_size}; with {path}.cms.inner_updates "
+                                  f"= true set it to a multiple of the memory chunk (or lower the memory chunk)")
 
 
 @dataclass
@@ -149,12 +157,29 @@ class TrainConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"{path}.global_batch_size = {self.global_batch_size} is not a multiple of "
                               f"{path}.micro_batch_size = {self.micro_batch_size}")
+        if self.stop_at_step > self.train_steps:
+            raise ConfigError(f"{path}.stop_at_step = {self.stop_at_step} is beyond {path}.train_steps = "
+                              f"{self.train_steps}, so it would never stop the run; lower it or set 0 (off)")
         if self.peak_flops < 0:
             raise ConfigError(f"{path}.peak_flops = {self.peak_flops} must be >= 0 (0 = look it up)")
-        if "/" in self.run_name or self.run_name in (".", ".."):
-            raise ConfigError(f"{path}.run_name = {self.run_name!r} must be a plain directory name")
+        if self.run_name:
+            check_run_name(self.run_name, f"{path}.run_name")
         if not self.runs_dir:
             raise ConfigError(f"{path}.runs_dir is empty; give the directory that holds run directories")
+
+
+def check_run_name(name: str, what: str) -> None:
+    """A run name is one directory name under train.runs_dir: no path separator, no control character, no
+    surrounding spaces, not "." or "..", at most 200 bytes (a file system allows 255 per name)."""
+    problem = ("holds a '/'" if "/" in name else
+               "holds a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else
+               "starts or ends with a space" if name != name.strip() else
+               "is empty" if not name else
+               "is '.' or '..'" if name in (".", "..") else
+               "is longer than 200 bytes" if len(name.encode()) > 200 else None)
+    if problem:
+        raise ConfigError(f"{what} = {name!r} {problem}; a run name must be a plain directory name, e.g. "
+                          "hope-125m (letters, digits, '-', '_', '.')")
 
 
 @dataclass
@@ -231,14 +256,16 @@ class CheckpointConfig:
     keep_last: int = 3  # keep the newest K checkpoints (0: keep all)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N (0: none)
     async_save: bool = True  # training continues while the shards are written (DCP async_save)
-    verify_on_load: bool = True  # check every file's size and sha256 against the manifest before loading
-    resume: str = ""  # "": a fresh run; "auto": this run's newest valid checkpoint, if any; or a checkpoint dir
+    verify_on_load: bool = True  # check every file's sha256 before loading (sizes and metadata are always checked)
+    resume: str = ""  # "": a fresh run (a new run directory); "auto": this run's newest valid checkpoint, if any;
+    # "none": start this run again at step 0 on purpose (its checkpoints are kept, renamed); or a checkpoint dir
 
     def validate(self, path: str = "checkpoint") -> None:
         require_at_least(self, path, 0, ("save_interval", "keep_last", "keep_every"), " (0 switches it off)")
-        if self.resume not in ("", "auto") and not Path(self.resume).is_dir():
-            raise ConfigError(f"{path}.resume = {self.resume!r} is neither \"auto\" nor a checkpoint directory; "
-                              "give runs/NAME/checkpoints/step_NNNNNNNN, \"auto\" or \"\" for a fresh run")
+        if self.resume not in ("", "auto", "none") and not Path(self.resume).is_dir():
+            raise ConfigError(f"{path}.resume = {self.resume!r} is neither \"auto\", \"none\" nor a checkpoint "
+                              "directory; give runs/NAME/checkpoints/step_NNNNNNNN, \"auto\", \"none\" (this run again from step 0) "
+                              "or \"\" for a fresh run")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -61,6 +62,8 @@ def _coerce(value: Any, tp: Any, field_path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{field_path} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{field_path} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -1,12 +1,15 @@
 """Fixtures shared by the test directories: the synthetic corpus that training runs read (tests/training,
-tests/checkpoints), and a one-rank gloo process group with its mesh. tests/training holds the run helpers (train_helpers, dump_run); it is put on sys.path so that
-every directory imports them the same way."""
+tests/checkpoints), and a one-rank gloo process group with its mesh. tests/training holds the run helpers
+(train_helpers, dump_run); it is put on sys.path so that every directory imports them the same way. A run ends
+with the test groups that skipped on this machine and what enables them (skip_report.py)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import pytest
+
+from skip_report import skip_report
 
 TRAINING = Path(__file__).resolve().parent / "training"
 if str(TRAINING) not in sys.path:
@@ -41,3 +44,10 @@ def one_rank_mesh():
         yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
+
+
+
+def pytest_terminal_summary(terminalreporter):
+    """At the end of every run: which test groups were skipped, why, and what enables them."""
+    for line in skip_report(terminalreporter.stats.get("skipped", [])):
+        terminalreporter.write_line(line)

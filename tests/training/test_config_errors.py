@@ -78,6 +78,18 @@ def test_the_base_config_is_valid(config):
     (["--model.vocab_size=300"], r"model\.vocab_size = 300 is smaller than the tokenizer's vocabulary \(320"),
     (["--model.cms.inner_updates=true"], r"model\.cms\.inner_updates = true is not trainable yet"),
     (["--train.device=tpu"], r"train\.device = 'tpu' is not allowed"),
+    (["--optim.lr=inf"], r"optim\.lr must be a finite number, got inf"),
+    (["--optim.lr=nan"], r"optim\.lr must be a finite number, got nan"),
+    (["--optim.grad_clip=nan"], r"optim\.grad_clip must be a finite number, got nan"),
+    (["--model.init_std=inf"], r"model\.init_std must be a finite number, got inf"),
+    (["--model.memory.eta_max=-inf"], r"model\.memory\.eta_max must be a finite number, got -inf"),
+    (["--model.norm_eps=-1e-6"], r"model\.norm_eps = -1e-06 must be > 0"),
+    (["--model.rope_theta=0"], r"model\.rope_theta = 0\.0 must be > 0"),
+    (["--train.stop_at_step=6"], r"train\.stop_at_step = 6 is beyond train\.train_steps = 5"),
+    (["--train.run_name=a/b"], r"train\.run_name = 'a/b' holds a '/'"),
+    (["--train.run_name= lead"], r"train\.run_name = ' lead' starts or ends with a space"),
+    (["--checkpoint.resume=nowhere"], r"checkpoint\.resume = 'nowhere' is neither \"auto\", \"none\" nor a "
+                                      r"checkpoint directory"),
 ])
 def test_invalid_config_is_rejected_before_any_process_group(config, overrides, message):
     with pytest.raises(ConfigError, match=message):
