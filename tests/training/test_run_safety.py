@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -220,24 +221,31 @@ def test_a_second_run_in_the_same_run_directory_is_refused_naming_the_first(conf
 
 # --- item 6: unwritable or full checkpoint directory ---------------------------------------------------------------
 
-def mount_namespace_runs(tmp_path: Path, options: str, python_argv: list[str]) -> subprocess.CompletedProcess:
-    """Run `python -m launch.train` in a private mount namespace where runs/ is a tmpfs with `options`."""
+NO_MOUNT = 99
+
+
+def mount_namespace_runs(tmp_path: Path, options: str, python_argv: list[str]) -> tuple[subprocess.CompletedProcess,
+                                                                                        list[str]]:
+    """Run `python -m launch.train` in a private mount namespace where runs/ is a tmpfs with `options`; returns
+    the process and what its run's checkpoints/ directory holds afterwards (the tmpfs goes with the namespace)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare to mount a small or read-only file system")
     runs = tmp_path / "runs"
     runs.mkdir(exist_ok=True)
-    script = (f"mount -t tmpfs -o {options} tmpfs {runs} && exec {sys.executable} -m launch.train "
-              + " ".join(f"'{a}'" for a in python_argv))
+    script = (f"mount -t tmpfs -o {options} tmpfs {runs} || exit {NO_MOUNT}; "
+              f"{shlex.join([sys.executable, '-m', 'launch.train', *python_argv])}; rc=$?; "
+              f"echo; echo checkpoints: $(ls -A {runs}/*/checkpoints 2>/dev/null); exit $rc")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    if "mount:" in proc.stderr and proc.returncode != 0 and "launch.train" not in proc.stderr:
+    if proc.returncode == NO_MOUNT:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    return proc
+    listing = proc.stdout.rsplit("checkpoints:", 1)[-1].split()
+    return proc, listing
 
 
 def test_a_read_only_run_directory_is_refused_before_training(config, tmp_path):
-    proc = mount_namespace_runs(tmp_path, "ro,size=1m", argv(config, tmp_path / "runs", "ro"))
+    proc, _ = mount_namespace_runs(tmp_path, "ro,size=1m", argv(config, tmp_path / "runs", "ro"))
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert f"cannot write the run directory {tmp_path / 'runs' / 'ro'}" in line
@@ -249,7 +257,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
     """runs/ holds about 1.5 checkpoints: the first save fits, the second fails with ENOSPC; the run warns at
     the start, stops with one line naming the cause, removes the partial save and keeps step 1."""
     size_kib = int(estimated_checkpoint_bytes(load(str(config))) * 1.5 / 1024) + 200  # + logs and tensorboard
-    proc = mount_namespace_runs(tmp_path, f"size={size_kib}k", argv(
+    proc, listing = mount_namespace_runs(tmp_path, f"size={size_kib}k", argv(
         config, tmp_path / "runs", "full", "--checkpoint.save_interval=1", "--checkpoint.keep_last=3",
         f"--checkpoint.async_save={str(async_save).lower()}", "--train.eval_batches=0"))
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -257,7 +265,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
     assert "saving checkpoint step_00000002" in line and "No space left on device (errno 28)" in line
     assert "the partial save was removed and earlier checkpoints are untouched" in line
     assert "warning: checkpoints take about" in proc.stdout and "saves may fail" in proc.stdout
-    assert "checkpoint saved: " in proc.stdout and step_name(1) in proc.stdout
+    assert sorted(listing) == ["latest", step_name(1)]  # step 1 kept, no partial save left
 
 
 # --- item 9: Ctrl-C ---------------------------------------------------------------------------------------------
