@@ -232,19 +232,23 @@ def stop_request(given: StopRequest | None) -> Iterator[StopRequest]:
 @contextlib.contextmanager
 def run_directory_lock(run: Run) -> Iterator[str | None]:
     """Rank 0 holds the run directory's lock while the block runs (creating the directory); every rank raises
-    RunDirectoryInUse, naming the holder, when another run holds it. Yields the lock's warning (None: locked)."""
+    ConfigError when another run holds it (naming the holder) or the lock cannot be created. Yields the lock's
+    warning (None: locked)."""
     lock, refused = RunLock(run.run_dir), None
     if run.is_main:
         try:
             lock.acquire()
         except RunDirectoryInUse as e:
             refused = str(e)
+        except OSError as e:  # the directory or its lock file cannot be created: every rank stops, none waits
+            refused = (f"cannot create {lock.path}: {e.strerror or e}; set train.runs_dir to a writable directory "
+                       "with free space")
     if dist.is_initialized():
         box = [refused]
         dist.broadcast_object_list(box, src=0)
         refused = box[0]
     if refused:
-        raise RunDirectoryInUse(refused)
+        raise ConfigError(refused)
     try:
         yield lock.warning
     finally:
@@ -334,11 +338,14 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():  # no rank exits (ending an srun --kill-on-bad-exit job) before the requeue
                 dist.barrier()
             mark_stopped(os.environ)  # before the stop handlers go: the requeue's SIGTERM may come at any moment
-    except ConfigError as e:  # the run directory is in use
+    except ConfigError as e:  # the run directory is in use or cannot be locked
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingError, CheckpointError, DataPipelineError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a run file that cannot be written (a full disk, a lost mount): the cause, no traceback
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted by a second Ctrl-C before the step's checkpoint; the run's earlier checkpoints "

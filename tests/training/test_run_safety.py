@@ -314,10 +314,10 @@ def test_a_truncated_or_missing_train_shard_is_refused_at_the_start(config, data
         prepare(argv(config, tmp_path / "runs", "x", f"--data.train_manifest={manifest}"), ONE)
 
 
-def test_resuming_with_another_data_stream_is_refused_naming_the_setting(three_steps, data, tmp_path):
+def test_resuming_with_another_data_stream_is_refused_naming_the_setting(three_steps, config, tmp_path):
     common, _ = three_steps
     checkpoint = tmp_path / "runs" / "r" / "checkpoints" / step_name(3)
-    fresh = argv(common[0].split("=", 1)[1], tmp_path / "runs", "other", "--train.eval_batches=0")
+    fresh = argv(config, tmp_path / "runs", "other", "--train.eval_batches=0")
     with pytest.raises(CheckpointError, match=r"saved with train\.seq_len = 64, this run has 32; .*resume with "
                                               r"train\.seq_len = 64"):
         prepare(fresh + ["--train.seq_len=32", f"--resume={checkpoint}"], ONE)
@@ -332,11 +332,12 @@ def test_resuming_with_another_data_stream_is_refused_naming_the_setting(three_s
     ("run", "is a run's checkpoint directory, not one checkpoint; give one of its step_NNNNNNNN directories"),
     ("checkpoints", "is a run's checkpoint directory, not one checkpoint"),
     ("data", "is not a checkpoint")])
-def test_resume_pointed_at_a_run_or_a_data_directory_is_one_line(three_steps, data, tmp_path, target, expected):
-    common, _ = three_steps
+def test_resume_pointed_at_a_run_or_a_data_directory_is_one_line(three_steps, config, data, tmp_path, target,
+                                                                 expected):
+    """three_steps: the run whose directory (and checkpoints/) --resume is pointed at."""
     path = {"run": tmp_path / "runs" / "r", "checkpoints": tmp_path / "runs" / "r" / "checkpoints",
             "data": data["manifest"].parent}[target]
-    proc = launch_train(argv(common[0].split("=", 1)[1], tmp_path / "runs", "other", f"--resume={path}"))
+    proc = launch_train(argv(config, tmp_path / "runs", "other", f"--resume={path}"))
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert str(path) in line and expected in line
