@@ -23,7 +23,6 @@ t-1, i.e. the state before writing token t.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Literal
 
 import torch
@@ -46,7 +45,7 @@ class ChunkGates:
     reset: Tensor | None  # bool, True where a document starts; None: no document starts
     momentum_form: MomentumForm = "hope"
 
-    @cached_property
+    @property
     def coefficients(self) -> "ChunkCoefficients":
         return ChunkCoefficients.build(self)
 
