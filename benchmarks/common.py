@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: median of repeated runs after warm-up, `key: value` output."""
+"""Timing helpers shared by the benchmarks: median of repeated runs after warm-up, implementations taking turns,
+`key: value` output."""
 from __future__ import annotations
 
 import statistics
@@ -25,6 +26,22 @@ def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1, device:
         sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_median_seconds(steps: dict[str, Callable[[], object]], reps: int, device: torch.device,
+                               warmup: int = 2) -> dict[str, float]:
+    """Median time of each step; the steps take turns in every round, so load from other processes hits all
+    alike. The first `warmup` rounds are not timed."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(warmup + reps):
+        for name, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def emit(key: str, value: object) -> None:

@@ -3,7 +3,8 @@
     python -m benchmarks.inner_loop [--seq-len 2048 --chunk 64 --head-dim 64 --heads 4 --reps 5 --device cpu]
 
 Prints `key: value` lines; `speedup_chunked_vs_sequential` is the geometric mean over the two memory kinds.
-The oracle is the reference used by the tests (one token at a time, inner gradients by autograd).
+The oracle is the reference used by the tests (one token at a time, inner gradients by autograd). The four runs
+(linear and MLP memory, chunk-parallel and sequential) take turns in every repetition, after one warm-up round.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import emit, median_seconds
+from benchmarks.common import emit, interleaved_median_seconds
 from megatron_hope.ops.memory import MemoryOptions, memory_scan
 
 
@@ -49,11 +50,14 @@ def main() -> None:
     dev = torch.device(a.device)
     emit("device", torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads")
     emit("shape", f"B={a.batch} H={a.heads} T={a.seq_len} d_head={a.head_dim} C={a.chunk}")
+    impls = {"chunked": "torch", "sequential": "sequential"}  # output keys keep the chunk-parallel form's old name
+    cases = {kind: _case(kind, a.batch, a.heads, a.seq_len, a.head_dim, dev) for kind in ("linear", "mlp")}
+    steps = {f"{kind}_{name}": (lambda kind=kind, impl=impl: fwd_bwd(kind, impl, *cases[kind], a.chunk))
+             for kind in cases for name, impl in impls.items()}
+    seconds = interleaved_median_seconds(steps, a.reps, dev, warmup=1)
     speedups = []
-    for kind in ("linear", "mlp"):
-        case = _case(kind, a.batch, a.heads, a.seq_len, a.head_dim, dev)
-        chunked = median_seconds(lambda: fwd_bwd(kind, "chunked", *case, a.chunk), a.reps, device=dev)
-        sequential = median_seconds(lambda: fwd_bwd(kind, "sequential", *case, a.chunk), a.reps, device=dev)
+    for kind in cases:
+        chunked, sequential = seconds[f"{kind}_chunked"], seconds[f"{kind}_sequential"]
         emit(f"{kind}_chunked_fwd_bwd_s", chunked)
         emit(f"{kind}_sequential_fwd_bwd_s", sequential)
         emit(f"{kind}_chunked_tokens_per_s", a.batch * a.seq_len / chunked)

@@ -2,26 +2,28 @@
 count (~10M), side by side in one run; and, when titans-pytorch is installed, HOPE's memory layer against its
 NeuralMemory at equal dimensions.
 
-    python -m benchmarks.models [--seq-len 512 --batch 4 --reps 5 --threads N --device cpu]
+    python -m benchmarks.models [--seq-len 512 --batch 4 --reps 5 --threads N --compile --device cpu]
 
 Prints `key: value` lines: medians of --reps timed steps after two warm-up steps, the models taking turns. The
 three shapes share width, depth, heads and vocabulary; HOPE's CMS level width and the baselines' FFN width are
-solved for equal parameter counts.
+solved for equal parameter counts. Achieved FLOP/s is the analytic training FLOPs per token (the trainer's MFU
+numerator, model/summary.py) times tokens/s. --compile compiles each of a model's blocks in place
+(parallel/compile.py, as model.compile = true does); the compile happens during the two warm-up steps (a cold compile can take minutes on a CPU).
+The titans-pytorch comparison stays eager.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 
-from benchmarks.common import emit, sync
+from benchmarks.common import emit, interleaved_median_seconds
 from megatron_hope.config import CMSConfig, CMSLevel, MemoryConfig, ModelConfig
 from megatron_hope.model.lm import HopeLM
-from megatron_hope.model.summary import count_parameters
+from megatron_hope.model.summary import count_parameters, training_flops_per_token
 from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer
+from megatron_hope.parallel.compile import apply_compile
 
 SHAPE = dict(vocab_size=8192, d_model=256, n_layers=10, n_heads=8, tie_embeddings=True)
 TRANSFORMERPP_FFN = 704  # ~8/3 d, a multiple of 64: the reference parameter count
@@ -44,10 +46,14 @@ def equal_size_configs(seq_len: int, chunk: int) -> dict[str, ModelConfig]:
     return {"hope": hope, "titans": titans, "transformerpp": tpp}
 
 
-def train_step(cfg: ModelConfig, batch: int, seq_len: int, device: torch.device) -> Callable[[], None]:
-    """One training step (forward, backward, AdamW) of a freshly initialised model on a fixed random batch."""
+def train_step(cfg: ModelConfig, batch: int, seq_len: int, device: torch.device, compile: bool = False
+               ) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) of a freshly initialised model on a fixed random batch; with
+    `compile`, each block is compiled in place (on its first call), as model.compile does."""
     torch.manual_seed(0)
     model = HopeLM(cfg).to(device)
+    if compile:
+        apply_compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
 
@@ -58,21 +64,6 @@ def train_step(cfg: ModelConfig, batch: int, seq_len: int, device: torch.device)
         opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def interleaved_median_seconds(steps: dict[str, Callable[[], None]], reps: int, device: torch.device
-                               ) -> dict[str, float]:
-    """Median step time of each model; the models take turns, so load from other processes hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for rep in range(reps + 2):  # the first two rounds warm up
-        for name, step in steps.items():
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            if rep >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def compare_with_titans_pytorch(cfg: ModelConfig, batch: int, seq_len: int, reps: int, device: torch.device) -> None:
@@ -107,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=64, help="memory chunk size of HOPE and Titans")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (during the warm-up)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.threads:
@@ -114,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     emit("device", device.type if device.type == "cpu" else torch.cuda.get_device_name(device))
     emit("threads", torch.get_num_threads())
+    emit("compiled", str(args.compile).lower())
     emit("batch", args.batch)
     emit("seq_len", args.seq_len)
     configs = equal_size_configs(args.seq_len, args.chunk)
@@ -121,13 +114,18 @@ def main(argv: list[str] | None = None) -> None:
         emit(f"{arch}_params", count_parameters(cfg)["total"])
         width = ("cms_level_hidden", cfg.cms.levels[0].hidden) if arch == "hope" else ("ffn_hidden", cfg.ffn_hidden)
         emit(f"{arch}_{width[0]}", width[1])
-    steps = {arch: train_step(cfg, args.batch, args.seq_len, device) for arch, cfg in configs.items()}
+    steps = {arch: train_step(cfg, args.batch, args.seq_len, device, args.compile) for arch, cfg in configs.items()}
     seconds = interleaved_median_seconds(steps, args.reps, device)
     tokens_per_s = {arch: args.batch * args.seq_len / s for arch, s in seconds.items()}
     for arch, value in tokens_per_s.items():
         emit(f"{arch}_train_tokens_per_s", value)
     emit("hope_vs_transformerpp_tokens_per_s_ratio", tokens_per_s["hope"] / tokens_per_s["transformerpp"])
     emit("titans_vs_transformerpp_tokens_per_s_ratio", tokens_per_s["titans"] / tokens_per_s["transformerpp"])
+    flop_rate = {arch: training_flops_per_token(cfg, args.seq_len) * tokens_per_s[arch]
+                 for arch, cfg in configs.items()}
+    for arch, value in flop_rate.items():
+        emit(f"{arch}_achieved_flop_per_s", value)
+    emit("hope_vs_transformerpp_flop_rate_ratio", flop_rate["hope"] / flop_rate["transformerpp"])
     compare_with_titans_pytorch(configs["hope"], args.batch, args.seq_len, args.reps, device)
 
 

@@ -8,6 +8,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import fields
 from pathlib import Path
 
 import torch.distributed as dist
@@ -196,8 +197,8 @@ def check_resumable(cfg: Config, directory: Path, loader_state: dict) -> None:
         raise CheckpointError(f"{directory / CONFIG} holds no model of this code ({e}); the checkpoint is damaged "
                               "or from other code") from None
     if saved != cfg.model:
-        diffs = [f"model.{k}: {v!r} saved, {getattr(cfg.model, k)!r} now"
-                 for k, v in vars(saved).items() if getattr(cfg.model, k) != v]
+        diffs = [f"model.{f.name}: {getattr(saved, f.name)!r} saved, {getattr(cfg.model, f.name)!r} now"
+                 for f in fields(saved) if f.compare and getattr(cfg.model, f.name) != getattr(saved, f.name)]
         raise CheckpointError(f"checkpoint {directory} holds another model ({'; '.join(diffs)}); resume with its "
                               f"model settings (its {CONFIG}) or start a fresh run")
     loader = _read(directory, RUN_STATE, json.loads, json.JSONDecodeError).get("loader", {})

@@ -46,7 +46,9 @@ from megatron_hope.config import Config, load
 from megatron_hope.config_base import ConfigError, to_toml
 from megatron_hope.model.lm import HopeLM
 from megatron_hope.model.summary import count_parameters, training_flops_per_token
+from megatron_hope.ops.memory import resolve_impl
 from megatron_hope.parallel import deepspeed_engine
+from megatron_hope.parallel.compile import apply_compile
 from megatron_hope.parallel.data_parallel import apply_fsdp
 from megatron_hope.parallel.mesh import init_mesh
 from megatron_hope.parallel.pipeline import Pipeline, build_pipeline
@@ -121,6 +123,8 @@ def build_model(run: Run, mesh: DeviceMesh | None) -> tuple[nn.Module, Pipeline 
     if run.cfg.parallel.tensor_model_parallel_size > 1:
         model = apply_tensor_parallel(model.to(run.device), mesh["tp"], run.cfg.parallel.sequence_parallel)
     apply_recompute(model, run.cfg.parallel.recompute_granularity)
+    if run.cfg.model.compile:
+        apply_compile(model)
     if run.cfg.parallel.pipeline_model_parallel_size > 1:
         pipeline = build_pipeline(model, run.cfg, mesh, run.device)
         return pipeline.model, pipeline
@@ -144,6 +148,12 @@ def describe(run: Run, sharded: bool) -> list[str]:
              f"accumulation {cfg.grad_accum_steps(p.data_parallel_size)}; {t.global_batch_size * t.seq_len:,} "
              "tokens per step, "
              f"{t.train_steps} steps"]
+    if cfg.model.compile:
+        lines.append("model.compile: true (torch.compile per block, inductor; the first steps compile)")
+    if cfg.model.arch != "transformerpp":
+        m = cfg.model.memory
+        lines.append(f"memory inner loop: {resolve_impl(m.impl)} (model.memory.impl = {m.impl}), chunk {m.chunk_size}"
+                     f"{', chunks recomputed in backward' if m.recompute_chunks else ''}")
     periods = cms_periods(cfg)
     if periods:
         lines.append(f"CMS levels: outer periods {periods} optimizer steps (gradients accumulate and sync per "

@@ -27,7 +27,10 @@ class MemoryConfig:
     grad_clip: float = 1.0  # inner-update clipping: per-token gradient of each memory matrix to norm <= this (0 = off)
     alpha_bias_init: float = 5.0  # alpha_t = sigmoid(. + bias): starts near 1 (little forgetting)
     activation: Literal["silu", "gelu"] = "silu"
-    impl: Literal["chunked", "sequential"] = "chunked"  # sequential = the token-by-token oracle
+    # how the inner loop runs, not what it computes: left out of comparisons, so a checkpoint resumes either way
+    # auto: the fastest for the device; sequential: the oracle; chunked: the earlier name of torch (saved configs)
+    impl: Literal["auto", "torch", "sequential", "chunked"] = field(default="auto", compare=False)
+    recompute_chunks: bool = field(default=False, compare=False)  # save chunk-start states only; recompute in backward
 
     def validate(self, path: str = "model.memory") -> None:
         require_at_least(self, path, 1, ("chunk_size", "hidden_mult"))
@@ -96,6 +99,9 @@ class ModelConfig:
     init_std: float = 0.02
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     cms: CMSConfig = field(default_factory=CMSConfig)
+    # torch.compile each block (parallel/compile.py). How the model runs, not what it is: left out of comparisons,
+    # so a checkpoint resumes with it switched either way
+    compile: bool = field(default=False, compare=False)
 
     @property
     def head_dim(self) -> int:

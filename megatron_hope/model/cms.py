@@ -71,9 +71,10 @@ class CMSFastWeights:
 
     Per chunk: `begin_chunk` hands out fresh views of the current weights, one dict per block; `end_chunk` adds
     the gradient of the chunk's loss w.r.t. those views (so only this chunk's reads count; whatever was carried
-    in from earlier chunks is a constant), and a level whose inner_chunk divides the chunk end steps
-    theta <- theta - inner_lr * sum. The step is detached, so the outer gradient reaches the meta-learned weights
-    through the reads only.
+    in from earlier chunks is a constant), and in each sequence whose tokens since its document start are a
+    multiple of a level's inner_chunk, that level steps theta <- theta - inner_lr * sum (the schedule restarts
+    at every document start, so a packed document adapts as it would alone). The step is detached, so the
+    outer gradient reaches the meta-learned weights through the reads only.
     """
 
     def __init__(self, blocks: nn.ModuleList, cfg: CMSConfig, batch: int):
@@ -86,6 +87,7 @@ class CMSFastWeights:
         self.weights = {key: self._fresh(key) for key in self.init}
         self.grad_sum = {key: tree_map(torch.zeros_like, ws) for key, ws in self.weights.items()}
         self.reads: dict[tuple[int, int], FastWeights] = {}
+        self.since_start = torch.zeros(batch, dtype=torch.long)  # tokens since each sequence's document start
 
     def _fresh(self, key: tuple[int, int]) -> FastWeights:
         return {n: p.expand(self.batch, *p.shape) for n, p in self.init[key].items()}
@@ -93,6 +95,7 @@ class CMSFastWeights:
     def restart(self, mask: torch.Tensor) -> None:
         """Sequences where `mask` (B,) holds start a document: meta-learned weights again, no pending gradient."""
         m = mask.view(-1, 1, 1)
+        self.since_start = torch.where(mask.cpu(), 0, self.since_start)
         for key in self.weights:
             self.weights[key] = {n: torch.where(m, w0, self.weights[key][n]) for n, w0 in self._fresh(key).items()}
             self.grad_sum[key] = {n: torch.where(m, 0.0, g) for n, g in self.grad_sum[key].items()}
@@ -105,12 +108,16 @@ class CMSFastWeights:
         self.reads = tree_map(lambda w: w.view_as(w), self.weights)
         return [{l: self.reads[(i, l)] for l in self.period} for i in range(self.n_blocks)]
 
-    def end_chunk(self, chunk_loss: torch.Tensor, end: int, retain_graph: bool) -> None:
+    def end_chunk(self, chunk_loss: torch.Tensor, chunk_len: int, retain_graph: bool) -> None:
         flat = [(key, n) for key, ws in self.reads.items() for n in ws]
         grads = torch.autograd.grad(chunk_loss, [self.reads[key][n] for key, n in flat], retain_graph=retain_graph)
         for (key, n), g in zip(flat, grads):
             self.grad_sum[key][n] = self.grad_sum[key][n] + g
+        self.since_start = self.since_start + chunk_len
         for key, ws in self.weights.items():
-            if end % self.period[key[1]] == 0:
-                self.weights[key] = {n: w - self.lr * self.grad_sum[key][n] for n, w in ws.items()}
-                self.grad_sum[key] = tree_map(torch.zeros_like, self.grad_sum[key])
+            due = self.since_start % self.period[key[1]] == 0
+            if not due.any():
+                continue
+            step = due.to(next(iter(ws.values())).device).view(-1, 1, 1)
+            self.weights[key] = {n: torch.where(step, w - self.lr * self.grad_sum[key][n], w) for n, w in ws.items()}
+            self.grad_sum[key] = {n: torch.where(step, 0.0, g) for n, g in self.grad_sum[key].items()}

@@ -14,6 +14,7 @@ from megatron_hope.model.blocks import BLOCKS
 from megatron_hope.model.cms import CMSFastWeights
 from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm, RotaryEmbedding, SwiGLU
 from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer
+from megatron_hope.ops.packing import DocumentLayout
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (e.g. padding)
 
@@ -98,16 +99,16 @@ class HopeLM(nn.Module):
         The sequence runs in chunks of the smallest inner_chunk C, carrying the mixer states (memory and conv
         tail; C is a multiple of the memory chunk, so the mixers compute what one call over the sequence would,
         and with inner_lr = 0 this is the plain forward); every sequence of the batch has its own fast weights,
-        updated after each chunk from that chunk's next-token loss (see CMSFastWeights). A document start (only
-        at multiples of C) restores the meta-learned weights.
+        updated after each chunk from that chunk's next-token loss (see CMSFastWeights). A document start
+        restores the meta-learned weights and starts a chunk: documents are laid out to start at multiples of C
+        (ops/packing.py), so a packed document computes what it computes alone.
         """
-        B, T = tokens.shape
         C = self.cfg.cms.inner_chunk
-        if doc_start is not None:
-            starts = doc_start[:, 1:].nonzero()[:, 1] + 1
-            if (starts % C).any():
-                raise ValueError(f"with model.cms.inner_updates, document starts must fall on multiples of the "
-                                 f"inner chunk ({C} tokens); got starts at {sorted(set(starts.tolist()))}")
+        layout = DocumentLayout.build(doc_start, C) if doc_start is not None else None
+        if layout is not None:  # every document starts a CMS chunk; the pads before it are not predicted
+            tokens, targets = layout.scatter(tokens, -1, 0), layout.scatter(targets, -1, IGNORE_INDEX)
+            doc_start = layout.doc_start
+        B, T = tokens.shape
         outer = torch.is_grad_enabled()  # without an outer backward, cut the graph at every chunk
         fast = CMSFastWeights(self.blocks, self.cfg.cms, B)
         states: list = [None] * len(self.blocks)
@@ -127,7 +128,10 @@ class HopeLM(nn.Module):
                 logits = self.head(self.norm(x))
                 chunk_loss = lm_loss(logits, targets[:, s:s + C], reduction="sum")
                 if s + C < T:
-                    fast.end_chunk(chunk_loss, s + C, retain_graph=outer)
+                    fast.end_chunk(chunk_loss, C, retain_graph=outer)
                 all_logits.append(logits if outer else logits.detach())
                 loss_sum = loss_sum + (chunk_loss if outer else chunk_loss.detach())
-        return torch.cat(all_logits, dim=1), loss_sum / (targets != IGNORE_INDEX).sum()
+        logits = torch.cat(all_logits, dim=1)
+        if layout is not None:
+            logits = layout.gather(logits, 1)
+        return logits, loss_sum / (targets != IGNORE_INDEX).sum()

@@ -2,8 +2,9 @@
 
 Both take (B, T, d) and return (B, T, d) plus their carried state (MixerState), which a later call (the next
 sequence shard, the next CMS chunk, the next chunk when streaming) continues from: the calls then compute what
-one call over the whole sequence would. A call that continues a state must start on the memory's chunk grid
-(the earlier calls' lengths add up to a multiple of model.memory.chunk_size). They hold no pre-norm and no residual.
+one call over the whole sequence would. A call that continues a state must start on every row's chunk grid, which
+restarts at each document start: the row's current document has a multiple of model.memory.chunk_size tokens in
+the earlier calls, or a document starts the call in that row. They hold no pre-norm and no residual.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from megatron_hope.config import ModelConfig
 from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm, local, local_dict
 from megatron_hope.ops import flops
-from megatron_hope.ops.memory import MemoryOptions, State, memory_scan
+from megatron_hope.ops.memory import MemoryOptions, State, memory_scan, resolve_impl
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
 
 
@@ -34,10 +35,12 @@ def memory_options(cfg: ModelConfig, self_modifying: bool) -> MemoryOptions:
     if not self_modifying:  # Titans: plain GD with momentum and decay, targets v_t (Titans section 3)
         return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form="titans", readout=m.readout,
                              dgd="none", self_target=False, activation=m.activation,
-                             differentiable=m.differentiable_writes, grad_clip=m.grad_clip)
+                             differentiable=m.differentiable_writes, grad_clip=m.grad_clip,
+                             recompute_chunks=m.recompute_chunks)
     return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form=m.momentum_form, readout=m.readout,
                          dgd="first" if m.kind == "linear" else m.dgd, self_target=True, activation=m.activation,
-                         differentiable=m.differentiable_writes, grad_clip=m.grad_clip)
+                         differentiable=m.differentiable_writes, grad_clip=m.grad_clip,
+                         recompute_chunks=m.recompute_chunks)
 
 
 def memory_init(kind: str, n_heads: int, n_mem: int, w: int, m: int) -> nn.ParameterDict:
@@ -135,7 +138,7 @@ class SelfModifyingTitans(_MixerBase):
         o, memory = self_modifying_scan(
             torch.stack(gens, dim=2), None if self.cfg.memory.adaptive_q else q_in, log_beta,
             local_dict(self.gen_init), local_dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
-            state=None if state is None else state.memory, impl=self.cfg.memory.impl)
+            state=None if state is None else state.memory, impl=resolve_impl(self.cfg.memory.impl))
         return self.output(o, x), MixerState(memory, conv)
 
 
@@ -170,7 +173,7 @@ class TitansMixer(_MixerBase):
             init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
             F.logsigmoid(alpha_pre), log_beta, doc_start[:, None].expand_as(eta_pre)
             if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts,
-            state=None if state is None else state.memory, impl=self.cfg.memory.impl)
+            state=None if state is None else state.memory, impl=resolve_impl(self.cfg.memory.impl))
         return self.output(o, x), MixerState(memory, conv)
 
 

@@ -8,12 +8,11 @@ momentum decay beta_t:
     W_t = W_{t-1} (alpha_t I - [dgd] eta_t kappa_t kappa_t^T) - eta_t S_t
 
 or, in the "titans" form, S_t = beta_t S_{t-1} - eta_t e_t kappa_t^T and W_t = W_{t-1}(...) + S_t.
-A document start at token p sets W_{p-1} = W_0 (the meta-learned init) and S_{p-1} = 0, so tokens after
-it belong to a new segment whose initial state is W_0.
+Document starts fall on chunk starts only (ops/packing.py), so a chunk holds one segment of one document.
 
 Unrolling the recurrence (all products in log space, hope_spec.md 2.1) gives, for t in the chunk,
 
-    W_t = g_t W_init(t) + sigma c_t S_c - sum_r Dm[t,r] e_r kappa_r^T - [dgd] sum_s G[t,s] eta_s x_s kappa_s^T
+    W_t = g_t W_c + sigma c_t S_c - sum_r Dm[t,r] e_r kappa_r^T - [dgd] sum_s G[t,s] eta_s x_s kappa_s^T
 
 with x_s = W_{s-1} kappa_s. The x's solve a unit lower-triangular system (the UT transform of the delta
 rule, as in DeltaNet / Gated DeltaNet chunk kernels), so a chunk costs a few (L x L) and (L x d) matmuls
@@ -42,81 +41,62 @@ class ChunkGates:
     eta: Tensor
     log_alpha: Tensor
     log_beta: Tensor | None  # None: no momentum
-    reset: Tensor | None  # bool, True where a document starts; None: no document starts
     momentum_form: MomentumForm = "hope"
-
-    @property
-    def coefficients(self) -> "ChunkCoefficients":
-        return ChunkCoefficients.build(self)
 
 
 @dataclass
 class ChunkCoefficients:
-    first_seg: Tensor | None  # (..., L) bool: token's segment starts from the carried state (else W_0); None: all do
-    g: Tensor  # (..., L) decay of the segment's initial state through t
+    g: Tensor  # (..., L) decay of the chunk-start state through t
     gp: Tensor  # (..., L) ... through t-1
-    G: Tensor  # (..., L, L) prod_{j=s+1..t} alpha_j for s <= t in one segment
-    Gp: Tensor  # (..., L, L) prod_{j=s+1..t-1} alpha_j for s < t in one segment
+    G: Tensor  # (..., L, L) prod_{j=s+1..t} alpha_j for s <= t
+    Gp: Tensor  # (..., L, L) prod_{j=s+1..t-1} alpha_j for s < t
     Dm: Tensor  # (..., L, L) coefficient of e_r kappa_r^T in W_t
     Dmp: Tensor  # (..., L, L) ... in W_{t-1}
     c: Tensor | None  # (..., L) coefficient of S_c in W_t (None without momentum)
     cp: Tensor | None
     sigma: float  # sign of the S_c term
-    mom_c: Tensor | None  # (...) coefficient of S_c in the chunk's final momentum
-    mom_row: Tensor | None  # (..., L) coefficient of e_r kappa_r^T in the final momentum
+    mom_c: Tensor | None  # (..., L) coefficient of S_c in the momentum S_t
+    mom_rows: Tensor | None  # (..., L, L) coefficient of e_r kappa_r^T in S_t
     eta: Tensor
 
     @staticmethod
     def build(gates: ChunkGates) -> "ChunkCoefficients":
         la, eta = gates.log_alpha, gates.eta
         L = la.shape[-1]
-        pos = torch.arange(L, device=la.device)
-        reset = gates.reset if gates.reset is not None else torch.zeros_like(la, dtype=torch.bool)
-        seg = torch.cumsum(reset.long(), dim=-1)
-        first_seg = seg == 0
-        same = seg[..., :, None] == seg[..., None, :]
-        causal = pos[:, None] >= pos[None, :]
-        strict = pos[:, None] > pos[None, :]
+        causal = torch.ones(L, L, dtype=torch.bool, device=la.device).tril()
         Lc = torch.cumsum(la, dim=-1)
-        Lc_prev = torch.cat([torch.zeros_like(Lc[..., :1]), Lc[..., :-1]], dim=-1)  # Lc_{t-1}
-        # log-decay of the segment start: Lc_{p-1} for a segment starting at p, 0 for the carried segment
-        start = torch.cummax(torch.where(reset, pos.expand_as(seg), torch.zeros_like(seg)), dim=-1).values
-        base = torch.gather(Lc_prev, -1, start)
-        base = torch.where(first_seg, torch.zeros_like(base), base)
-        stored_first = first_seg if gates.reset is not None else None
-        g = (Lc - base).exp()
-        gp = (Lc_prev - base).exp()
+        g = Lc.exp()
+        gp = (Lc - la).exp()
         diff = Lc[..., :, None] - Lc[..., None, :]
-        G = _masked_exp(diff, causal & same)
-        Gp = _masked_exp(diff - la[..., :, None], strict & same)
+        G = _masked_exp(diff, causal)
+        Gp = _masked_exp(diff - la[..., :, None], causal.tril(-1))
 
         if gates.log_beta is None:
             Dm, Dmp = G * eta[..., None, :], Gp * eta[..., None, :]
-            return ChunkCoefficients(stored_first, g, gp, G, Gp, Dm, Dmp, None, None, 1.0, None, None, eta)
+            return ChunkCoefficients(g, gp, G, Gp, Dm, Dmp, None, None, 1.0, None, None, eta)
 
-        lb = gates.log_beta
-        Lb = torch.cumsum(lb, dim=-1)
-        Bm = _masked_exp(Lb[..., :, None] - Lb[..., None, :], causal & same)
-        b = torch.where(first_seg, Lb.exp(), torch.zeros_like(Lb))  # coefficient of S_c in S_s
+        Lb = torch.cumsum(gates.log_beta, dim=-1)
+        Bm = _masked_exp(Lb[..., :, None] - Lb[..., None, :], causal)
+        b = Lb.exp()  # coefficient of S_c in S_s
         if gates.momentum_form == "hope":
             # W gets -eta_s S_s with S_s = b_s S_c + sum_r Bm[s,r] e_r kappa_r^T
             c = (G @ (eta * b)[..., None])[..., 0]
             cp = (Gp @ (eta * b)[..., None])[..., 0]
             Dm, Dmp = G @ (eta[..., :, None] * Bm), Gp @ (eta[..., :, None] * Bm)
-            sigma, mom_row = -1.0, Bm[..., -1, :]
+            sigma, mom_rows = -1.0, Bm
         else:
             # W gets +S_s with S_s = b_s S_c - sum_r Bm[s,r] eta_r e_r kappa_r^T
             c = (G @ b[..., None])[..., 0]
             cp = (Gp @ b[..., None])[..., 0]
             Dm, Dmp = (G @ Bm) * eta[..., None, :], (Gp @ Bm) * eta[..., None, :]
-            sigma, mom_row = 1.0, -Bm[..., -1, :] * eta
-        return ChunkCoefficients(stored_first, g, gp, G, Gp, Dm, Dmp, c, cp, sigma, b[..., -1], mom_row, eta)
+            sigma, mom_rows = 1.0, -Bm * eta[..., None, :]
+        return ChunkCoefficients(g, gp, G, Gp, Dm, Dmp, c, cp, sigma, b, mom_rows, eta)
 
     def detached(self) -> "ChunkCoefficients":
-        """Stop-grad writes: the update terms carry no gradient; the decay of the initial state still does."""
+        """Stop-grad writes: the update terms carry no gradient; the decay of the chunk-start state still does."""
         d = lambda t: None if t is None else t.detach()  # noqa: E731
-        return ChunkCoefficients(self.first_seg, self.g, self.gp, d(self.G), d(self.Gp), d(self.Dm), d(self.Dmp),
-                                 d(self.c), d(self.cp), self.sigma, d(self.mom_c), d(self.mom_row), d(self.eta))
+        return ChunkCoefficients(self.g, self.gp, d(self.G), d(self.Gp), d(self.Dm), d(self.Dmp), d(self.c),
+                                 d(self.cp), self.sigma, d(self.mom_c), d(self.mom_rows), d(self.eta))
 
 
 def _bmv(W: Tensor, Z: Tensor) -> Tensor:
@@ -129,20 +109,19 @@ class MatrixWrite:
     """One chunk's writes to one matrix memory, in dual form. Build with `MatrixWrite.solve`."""
 
     coef: ChunkCoefficients
-    W_c: Tensor  # carried state (..., d_out, d_in)
-    W_0: Tensor  # meta-learned init, broadcastable to W_c
+    W_c: Tensor  # chunk-start state (..., d_out, d_in)
     S_c: Tensor | None
     K: Tensor  # keys (..., L, d_in)
     E: Tensor  # errors (..., L, d_out)
     X: Tensor | None  # W_{t-1} kappa_t (..., L, d_out) when the DGD factor applies
 
     @staticmethod
-    def solve(coef: ChunkCoefficients, W_c: Tensor, W_0: Tensor, S_c: Tensor | None, K: Tensor, E: Tensor,
-              dgd: bool, differentiable: bool = True) -> "MatrixWrite":
+    def solve(coef: ChunkCoefficients, W_c: Tensor, S_c: Tensor | None, K: Tensor, E: Tensor, dgd: bool,
+              differentiable: bool = True) -> "MatrixWrite":
         X = None
         if dgd:
             KK = K @ K.transpose(-1, -2)  # (..., L, L): kappa_t . kappa_s
-            R = coef.gp[..., None] * _select_init(coef, W_c, W_0, K)
+            R = coef.gp[..., None] * _bmv(W_c, K)
             if S_c is not None:
                 R = R + coef.sigma * coef.cp[..., None] * _bmv(S_c, K)
             R = R - (KK * coef.Dmp) @ E
@@ -150,50 +129,51 @@ class MatrixWrite:
             X = torch.linalg.solve_triangular(Tm, R, upper=False, unitriangular=True)
             if not differentiable:
                 X = X.detach()
-        return MatrixWrite(coef, W_c, W_0, S_c, K, E, X)
+        return MatrixWrite(coef, W_c, S_c, K, E, X)
 
     def select_memory(self, index: int) -> "MatrixWrite":
         """The writes of one memory of a stack (memory dim at -3 of states, keys and errors; the shared
         coefficients and broadcast keys have size 1 there)."""
         def pick(t: Tensor | None) -> Tensor | None:
             return t if t is None or t.shape[-3] == 1 else t.narrow(-3, index % t.shape[-3], 1)
-        return MatrixWrite(self.coef, pick(self.W_c), pick(self.W_0), pick(self.S_c), pick(self.K), pick(self.E),
-                           pick(self.X))
+        return MatrixWrite(self.coef, pick(self.W_c), pick(self.S_c), pick(self.K), pick(self.E), pick(self.X))
 
     def read(self, Z: Tensor, readout: str) -> Tensor:
-        """W_t z_t for each token (after_write), W_{t-1} z_t (before_write) or W_init z_t (chunk_start)."""
+        """W_t z_t for each token (after_write), W_{t-1} z_t (before_write) or W_c z_t (chunk_start)."""
         c = self.coef
-        init = _select_init(c, self.W_c, self.W_0, Z)
+        start = _bmv(self.W_c, Z)
         if readout == "chunk_start":
-            return init
+            return start
         after = readout == "after_write"
         g, G, Dm, cS = (c.g, c.G, c.Dm, c.c) if after else (c.gp, c.Gp, c.Dmp, c.cp)
         ZK = Z @ self.K.transpose(-1, -2)  # (..., L, L): z_t . kappa_r
-        out = g[..., None] * init - (ZK * Dm) @ self.E
+        out = g[..., None] * start - (ZK * Dm) @ self.E
         if self.S_c is not None:
             out = out + c.sigma * cS[..., None] * _bmv(self.S_c, Z)
         if self.X is not None:
             out = out - (ZK * G * c.eta[..., None, :]) @ self.X
         return out
 
-    def final(self) -> tuple[Tensor, Tensor | None]:
-        """State (and momentum) after the chunk's last token."""
+    def final(self, last: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """State (and momentum) after the chunk's last token, or after token `last` (the coefficients' leading
+        dims, long) of each row: a row whose document ends inside the chunk, before the pads."""
         c = self.coef
-        last_first = None if c.first_seg is None else c.first_seg[..., -1, None, None]
-        W = c.g[..., -1, None, None] * (self.W_c if c.first_seg is None else torch.where(last_first, self.W_c, self.W_0))
-        W = W - self.E.transpose(-1, -2) @ (c.Dm[..., -1, :, None] * self.K)
+        W = _at(c.g, last)[..., None, None] * self.W_c - self.E.transpose(-1, -2) @ (_row(c.Dm, last)[..., None] * self.K)
         if self.X is not None:
-            W = W - self.X.transpose(-1, -2) @ ((c.G[..., -1, :] * c.eta)[..., None] * self.K)
+            W = W - self.X.transpose(-1, -2) @ ((_row(c.G, last) * c.eta)[..., None] * self.K)
         S = None
         if self.S_c is not None:
-            W = W + c.sigma * c.c[..., -1, None, None] * self.S_c
-            S = c.mom_c[..., None, None] * self.S_c + self.E.transpose(-1, -2) @ (c.mom_row[..., None] * self.K)
+            W = W + c.sigma * _at(c.c, last)[..., None, None] * self.S_c
+            S = (_at(c.mom_c, last)[..., None, None] * self.S_c
+                 + self.E.transpose(-1, -2) @ (_row(c.mom_rows, last)[..., None] * self.K))
         return W, S
 
 
-def _select_init(c: ChunkCoefficients, W_c: Tensor, W_0: Tensor, Z: Tensor) -> Tensor:
-    """W_init(t) z_t: the carried state, or the init for tokens after a document start in this chunk."""
-    from_carried = _bmv(W_c, Z)
-    if c.first_seg is None:
-        return from_carried
-    return torch.where(c.first_seg[..., None], from_carried, _bmv(W_0, Z))
+def _at(x: Tensor, last: Tensor | None) -> Tensor:
+    """Entry `last` of a per-token coefficient (..., L) -> (...); the last one if None."""
+    return x[..., -1] if last is None else x.gather(-1, last[..., None])[..., 0]
+
+
+def _row(x: Tensor, last: Tensor | None) -> Tensor:
+    """Row `last` of a token-pair coefficient (..., L, L) -> (..., L); the last row if None."""
+    return x[..., -1, :] if last is None else x.gather(-2, last[..., None, None].expand(*last.shape, 1, x.shape[-1]))[..., 0, :]

@@ -2,10 +2,10 @@
 token-by-token sequential form (the oracle: the math as written) and a chunk-parallel form (fast).
 
 Conventions (hope_spec.md, "project decisions"): the inner loss is ||M(k_t) - v_t||^2 (factor 2 kept),
-its gradient is taken at the chunk-start state (or at the init M_0 after a document start inside the
-chunk), DGD multiplies the running state by (alpha_t I - eta_t k_t k_t^T), momentum S_t = beta_t S_{t-1} + g_t,
-and the read-out at token t uses the state after writing token t (reading B). Chunk boundaries are the
-multiples of chunk_size plus every document start. States, decays and scans run in fp32.
+its gradient is taken at the chunk-start state, DGD multiplies the running state by (alpha_t I - eta_t k_t k_t^T),
+momentum S_t = beta_t S_{t-1} + g_t, and the read-out at token t uses the state after writing token t (reading B).
+The chunk grid restarts at every document start (a document start restores the init and zeroes the momentum), so
+a packed document computes what it computes alone (ops/packing.py). States, decays and scans run in fp32.
 
 State dicts: linear {"W"} (d_v x d_k), MLP {"A" (w x m), "B" (m x w)}; with momentum also "S_<name>".
 Leading dims are free (batch, heads, memories); gates have the leading dims and the time dim of keys.
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_hope.ops.chunk_algebra import ChunkGates, MatrixWrite, MomentumForm
+from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates, MatrixWrite, MomentumForm
+from megatron_hope.ops.packing import DocumentLayout
 
 State = dict[str, Tensor]
 
@@ -35,6 +36,7 @@ class MemoryOptions:
     activation: Literal["silu", "gelu"] = "silu"
     differentiable: bool = True  # outer gradient through the writes; False = stop-grad writes
     grad_clip: float = 0.0  # > 0: each matrix's per-token inner gradient is rescaled to norm <= grad_clip
+    recompute_chunks: bool = False  # backward recomputes each chunk from its chunk-start state (saved alone)
 
 
 def _act(opts: MemoryOptions) -> Callable[[Tensor], Tensor]:
@@ -78,11 +80,6 @@ def apply_memory(P: State, z: Tensor, opts: MemoryOptions) -> Tensor:
         return z @ P["W"].transpose(-1, -2)
     h = _act(opts)(z @ P["B"].transpose(-1, -2))
     return z + h @ P["A"].transpose(-1, -2)
-
-
-def _point(state: State, init: State, use_init: Tensor) -> State:
-    """Gradient point of one token: the carried chunk-start state, or the init after a document start."""
-    return {n: torch.where(use_init[..., None, None], init[n], state[n]) for n in init}
 
 
 # ----------------------------------------------------------------------------- sequential oracle
@@ -144,63 +141,60 @@ def _token_step(cur: State, P: State, kt: Tensor, vt: Tensor, eta: Tensor, alpha
     return new
 
 
-def _token_states(state: State, init: State, gates: ChunkGates, k: Tensor, v: Tensor, opts: MemoryOptions
-                  ) -> tuple[list[State], list[State], list[State]]:
-    """Per token of one chunk: gradient point P_t, state before the write, state after the write."""
-    reset = gates.reset if gates.reset is not None else torch.zeros_like(gates.eta, dtype=torch.bool)
-    first_seg = torch.cumsum(reset.long(), -1) == 0
-    cur = dict(state)
-    points, befores, afters = [], [], []
-    for t in range(k.shape[-2]):
-        P = _point(state, init, ~first_seg[..., t])
-        # a document start restores the init and zeroes the momentum
-        cur = {n: torch.where(reset[..., t, None, None], init[n] if n in init else torch.zeros_like(w), w)
-               for n, w in cur.items()}
-        beta = gates.log_beta[..., t, None, None].exp() if opts.momentum else None
+TokenInputs = Callable[[State, int], tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor | None]]
+
+
+def _attach(values: State, point: State, log_g: Tensor) -> State:
+    """Stop-grad writes: state = g P + const, where g (the retention since the chunk-start point P) and P carry
+    the gradient and the written increment does not; momenta carry none."""
+    g = log_g.exp()[..., None, None]
+    return {n: g * point[n] + (w - g * point[n]).detach() if n in point else w.detach() for n, w in values.items()}
+
+
+def sequential_scan(init: State, state: State, inputs: TokenInputs, doc_start: Tensor | None, T: int,
+                    chunk_size: int, opts: MemoryOptions, read_memory: int | None = None
+                    ) -> tuple[Tensor | None, State]:
+    """The oracle: the written rule one token at a time, on the per-document chunk grid.
+
+    `inputs(P, t)` gives token t's (k, v, q, eta, log_alpha, log_beta) from the gradient point P (the state at
+    the token's chunk start; the self-modifying scan generates its keys and gates there). A chunk starts at the
+    call's first token, at every document start and every chunk_size tokens after one; a document start
+    restores the init and zeroes the momentum. doc_start broadcasts against the states' leading dims.
+    """
+    cur, point = dict(state), {n: state[n] for n in init}
+    device = next(iter(init.values())).device
+    phase = torch.zeros((), dtype=torch.long, device=device)  # tokens since the chunk start (per row with documents)
+    log_g = torch.zeros((), device=device)  # stop-grad writes: log-retention since the point
+    reads = []
+    for t in range(T):
+        if doc_start is not None:
+            reset = doc_start[..., t]
+            cur = {n: torch.where(reset[..., None, None], init[n] if n in init else torch.zeros_like(w), w)
+                   for n, w in cur.items()}
+            phase = torch.where(reset, 0, phase)
+        on_grid = (phase == 0)[..., None, None]
+        point = {n: torch.where(on_grid, cur[n], point[n]) for n in point}
+        k, v, q, eta, log_alpha, log_beta = inputs(point, t)
+        beta = log_beta.exp()[..., None, None] if opts.momentum else None
         before = cur
-        cur = _token_step(cur, P, k[..., t, :], v[..., t, :], gates.eta[..., t, None, None],
-                          gates.log_alpha[..., t, None, None].exp(), beta, opts)
-        points.append(P)
-        befores.append(before)
-        afters.append(cur)
-    return points, befores, afters
-
-
-def _stop_grad_states(states: list[State], points: list[State], gates: ChunkGates, shift: int) -> list[State]:
-    """Stop-grad writes: state_t = g_t W_init(t) + const, where g_t (the segment's retention through t, or t-1
-    with shift=1) and W_init(t) (the token's chunk-start point) carry the gradient and the increment does not."""
-    reset = gates.reset if gates.reset is not None else torch.zeros_like(gates.eta, dtype=torch.bool)
-    out, log_g = [], torch.zeros_like(gates.log_alpha[..., 0])
-    for t, (st, P) in enumerate(zip(states, points)):
-        log_g = torch.where(reset[..., t], torch.zeros_like(log_g), log_g) + (gates.log_alpha[..., t] if not shift else 0)
-        g = log_g.exp()[..., None, None]
-        out.append({n: (g * P[n] + (st[n] - g * P[n]).detach()) if n in P else st[n].detach() for n in st})
-        if shift:
-            log_g = log_g + gates.log_alpha[..., t]
-    return out
-
-
-def chunk_update_sequential(state: State, init: State, gates: ChunkGates, k: Tensor, v: Tensor,
-                            q: Tensor | None, opts: MemoryOptions, read_memory: int | None = None
-                            ) -> tuple[State, Tensor | None]:
-    """One chunk, token by token (the oracle). k, v, q: (..., L, d); gates (..., L). With `read_memory`, the
-    states carry a memory dim at -3 and only that memory is read (q then has size 1 there)."""
-    if opts.differentiable:
-        points, befores, afters = _token_states(state, init, gates, k, v, opts)
-    else:
-        with torch.no_grad():
-            _, befores, afters = _token_states(state, init, gates, k, v, opts)
-        first_seg = torch.cumsum(gates.reset.long(), -1) == 0 if gates.reset is not None else None
-        points = [state if first_seg is None else _point(state, init, ~first_seg[..., t]) for t in range(len(afters))]
-        befores = _stop_grad_states(befores, points, gates, shift=1)
-        afters = _stop_grad_states(afters, points, gates, shift=0)
-    reads = None
-    if q is not None:
-        src = {"after_write": afters, "before_write": befores, "chunk_start": points}[opts.readout]
-        reads = torch.stack([apply_memory(src[t], q[..., t, None, :], opts)[..., 0, :] for t in range(len(src))], -2)
-        if read_memory is not None:
-            reads = reads.narrow(-3, read_memory % reads.shape[-3], 1)
-    return afters[-1], reads
+        if opts.differentiable:
+            cur = _token_step(cur, point, k, v, eta[..., None, None], log_alpha.exp()[..., None, None], beta, opts)
+        else:
+            log_g = torch.where(on_grid[..., 0, 0], 0.0, log_g)
+            with torch.no_grad():
+                values = _token_step({n: w.detach() for n, w in cur.items()}, {n: w.detach() for n, w in point.items()},
+                                     k.detach(), v.detach(), eta.detach()[..., None, None],
+                                     log_alpha.detach().exp()[..., None, None],
+                                     None if beta is None else beta.detach(), opts)
+            log_g = log_g + log_alpha
+            cur = _attach(values, point, log_g)
+        phase = (phase + 1) % chunk_size
+        if q is not None:
+            src = {"after_write": cur, "before_write": before, "chunk_start": point}[opts.readout]
+            if read_memory is not None:
+                src = {n: w.narrow(-3, read_memory % w.shape[-3], 1) for n, w in src.items()}
+            reads.append(apply_memory(src, q[..., None, :], opts)[..., 0, :])
+    return (torch.stack(reads, -2) if reads else None), cur
 
 
 # ----------------------------------------------------------------------------- chunk-parallel form
@@ -227,29 +221,22 @@ def _clipped(factors: dict[str, tuple[Tensor, Tensor]], opts: MemoryOptions) -> 
             for n, (key, err) in factors.items()}
 
 
-def chunk_update_chunked(state: State, init: State, gates: ChunkGates, k: Tensor, v: Tensor,
-                         q: Tensor | None, opts: MemoryOptions, read_memory: int | None = None
-                         ) -> tuple[State, Tensor | None]:
-    """One chunk in dual form: errors at the chunk-start point, then triangular solves and masked matmuls.
-    With `read_memory`, the states carry a memory dim at -3 and only that memory is read."""
-    coef = gates.coefficients
+def chunk_update(state: State, gates: ChunkGates, k: Tensor, v: Tensor, q: Tensor | None, opts: MemoryOptions,
+                 read_memory: int | None = None, last: Tensor | None = None) -> tuple[State, Tensor | None]:
+    """One chunk in dual form (no document starts inside it): errors at the chunk-start state, then a
+    triangular solve and masked matmuls. With `read_memory`, the states carry a memory dim at -3 and only that
+    memory is read; with `last` (the gates' leading dims), the new state is the one after that token."""
+    coef = ChunkCoefficients.build(gates)
     if not opts.differentiable:
         coef = coef.detached()
-    factors = _errors({n: state[n] for n in init}, k, v, opts)
-    if coef.first_seg is not None:  # tokens after a document start take their gradient at the init
-        at_init = _errors(init, k, v, opts)
-        use_init = ~coef.first_seg[..., None]
-        factors = {n: tuple(torch.where(use_init, fi, fc) for fc, fi in zip(factors[n], at_init[n]))
-                   for n in factors}
     writes: dict[str, MatrixWrite] = {}
     new: State = {}
-    for n, (key, err) in factors.items():
+    for n, (key, err) in _errors({n: state[n] for n in matrix_names(opts)}, k, v, opts).items():
         if not opts.differentiable:
             key, err = key.detach(), err.detach()
         dgd = opts.dgd == "each" or (opts.dgd == "first" and n in ("W", "B"))
-        writes[n] = MatrixWrite.solve(coef, state[n], init[n], state.get("S_" + n), key, err, dgd,
-                                      opts.differentiable)
-        new[n], s = writes[n].final()
+        writes[n] = MatrixWrite.solve(coef, state[n], state.get("S_" + n), key, err, dgd, opts.differentiable)
+        new[n], s = writes[n].final(last)
         if s is not None:
             new["S_" + n] = s
     if q is None:
@@ -262,15 +249,43 @@ def chunk_update_chunked(state: State, init: State, gates: ChunkGates, k: Tensor
     return new, q + writes["A"].read(hq, opts.readout)
 
 
+def run_chunk(step: Callable, opts: MemoryOptions, *args):
+    """step(*args), or with opts.recompute_chunks under activation checkpointing: the forward keeps only the
+    chunk's inputs (the chunk-start state and views of the inputs), so the inner loop's saved activations are
+    O(T/C x state) instead of O(T x intermediates); the backward recomputes the chunk, in reverse chunk order."""
+    if not opts.recompute_chunks or not torch.is_grad_enabled():
+        return step(*args)
+    return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+
+
+def restart_documents(state: State, init: State, reset: Tensor) -> State:
+    """Rows where `reset` (the states' leading dims) holds start a document: the init, momentum zero."""
+    r = reset[..., None, None]
+    return {n: torch.where(r, init[n] if n in init else torch.zeros_like(w), w) for n, w in state.items()}
+
+
+def keep_finished_rows(active: Tensor, new: State, old: State) -> State:
+    """Rows past their last token (`active` False) keep their state through trailing pads."""
+    a = active.view(*active.shape, *[1] * (next(iter(new.values())).dim() - active.dim()))
+    return {n: torch.where(a, w, old[n]) for n, w in new.items()}
+
+
 # ----------------------------------------------------------------------------- whole sequence
+
+def resolve_impl(impl: str) -> str:
+    """The scan implementation for model.memory.impl: "auto" is the chunk-parallel PyTorch form ("torch"), the
+    fastest available on every device ("chunked" is its earlier name); "sequential" is the token-by-token oracle."""
+    return "torch" if impl in ("auto", "chunked") else impl
+
 
 def memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tensor, log_alpha: Tensor,
                 log_beta: Tensor | None, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
-                state: State | None = None, impl: str = "chunked") -> tuple[Tensor | None, State]:
+                state: State | None = None, impl: str = "torch") -> tuple[Tensor | None, State]:
     """Run the memory over a sequence. k, v, q: (..., T, d); gates and doc_start: (..., T).
 
-    Returns the read-outs of q (input dtype) and the final state (fp32), which a later call (the next
-    sequence shard) can continue from. The whole inner loop runs in fp32, also under autocast.
+    impl: "torch" (chunk-parallel) or "sequential" (the token-by-token oracle). Returns the read-outs of q
+    (input dtype) and the final state (fp32), which a later call (the next sequence shard) can continue from
+    when it starts on every row's chunk grid. The whole inner loop runs in fp32, also under autocast.
     """
     with torch.autocast(k.device.type, enabled=False):
         return _memory_scan(init, k, v, q, eta, log_alpha, log_beta, doc_start, chunk_size, opts, state, impl)
@@ -280,24 +295,42 @@ def _memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tenso
                  log_beta: Tensor | None, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
                  state: State | None, impl: str) -> tuple[Tensor | None, State]:
     dtype, sd = k.dtype, state_dtype(k.dtype)
-    k, v = k.to(sd), v.to(sd)
+    k, v, eta, log_alpha = k.to(sd), v.to(sd), eta.to(sd), log_alpha.to(sd)
     q = q.to(sd) if q is not None else None
+    log_beta = log_beta.to(sd) if log_beta is not None else None
     init = {n: w.to(sd) for n, w in init.items()}
-    T = k.shape[-2]
     if state is None:
         state = initial_state(init, k.shape[:-2], opts)
     if log_beta is None and opts.momentum:
         raise ValueError("opts.momentum is on but no log_beta was given")
-    step = chunk_update_chunked if impl == "chunked" else chunk_update_sequential
+    if impl == "sequential":
+        def inputs(P: State, t: int):
+            return (k[..., t, :], v[..., t, :], None if q is None else q[..., t, :], eta[..., t], log_alpha[..., t],
+                    log_beta[..., t] if opts.momentum else None)
+        out, state = sequential_scan(init, state, inputs, doc_start, k.shape[-2], chunk_size, opts)
+        return (out.to(dtype) if out is not None else None), state
+    if impl != "torch":
+        raise ValueError(f"memory impl {impl!r}: expected 'torch' or 'sequential'")
+    layout = DocumentLayout.build(doc_start, chunk_size) if doc_start is not None else None
+    if layout is not None:  # pads write nothing: zero keys and learning rates, unit decays
+        k, v = layout.scatter(k, -2), layout.scatter(v, -2)
+        q = layout.scatter(q, -2) if q is not None else None
+        eta, log_alpha = layout.scatter(eta, -1), layout.scatter(log_alpha, -1)
+        log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
+        doc_start = layout.doc_start
     outs = []
-    for s in range(0, T, chunk_size):
-        sl = slice(s, min(s + chunk_size, T))
-        gates = ChunkGates(eta[..., sl].to(sd), log_alpha[..., sl].to(sd),
-                           log_beta[..., sl].to(sd) if opts.momentum else None,
-                           doc_start[..., sl] if doc_start is not None else None,
+    for s in range(0, k.shape[-2], chunk_size):
+        sl = slice(s, s + chunk_size)
+        if doc_start is not None:
+            state = restart_documents(state, init, doc_start[..., s])
+        gates = ChunkGates(eta[..., sl], log_alpha[..., sl], log_beta[..., sl] if opts.momentum else None,
                            opts.momentum_form)
-        state, out = step(state, init, gates, k[..., sl, :], v[..., sl, :],
-                          q[..., sl, :] if q is not None else None, opts)
+        last = layout.last_in_chunk(s, gates.eta.shape[-1]) if layout is not None else None
+        new, out = run_chunk(chunk_update, opts, state, gates, k[..., sl, :], v[..., sl, :],
+                             q[..., sl, :] if q is not None else None, opts, None, last)
+        state = new if layout is None else keep_finished_rows(layout.row_active(s), new, state)
         outs.append(out)
-    out = torch.cat(outs, dim=-2).to(dtype) if q is not None else None
-    return out, state
+    if q is None:
+        return None, state
+    out = torch.cat(outs, dim=-2)
+    return (layout.gather(out, -2) if layout is not None else out).to(dtype), state

@@ -1,6 +1,6 @@
 """The self-modifying Titans inner loop (hope_spec.md 1.2-1.3, arXiv Eq. 83-93), per head.
 
-Per chunk, from the chunk-start states (or the inits after a document start):
+Per chunk (on the per-document grid of ops/packing.py), from the chunk-start states:
   generator memories produce  k_t = M_k(x^k_t), v_t = M_v(x^v_t), eta_t, alpha_t from M_eta(x^g_t), M_alpha(x^g_t)
   (and q_t = M_q(x^q_t) when q is adaptive); every memory then regresses its own image of v_t,
   ||M(k_t) - M_c(v_t)||^2, with DGD, retention alpha_t and learning rate eta_t; the main memory M_mem is read
@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_hope.ops.chunk_algebra import ChunkGates
-from megatron_hope.ops.memory import (MemoryOptions, State, apply_memory, chunk_update_chunked,
-                                      chunk_update_sequential, initial_state, state_dtype)
+from megatron_hope.ops.memory import (MemoryOptions, State, apply_memory, chunk_update, initial_state,
+                                      keep_finished_rows, restart_documents, run_chunk, sequential_scan,
+                                      state_dtype)
+from megatron_hope.ops.packing import DocumentLayout
+
 
 @dataclass
 class GateReadouts:
@@ -30,62 +33,104 @@ class GateReadouts:
     eta_max: float
 
 
-def _read_at_chunk_start(state: State, init: State, x: Tensor, reset: Tensor | None, opts: MemoryOptions) -> Tensor:
-    """Generator outputs at the chunk-start state, or at the init for tokens after a document start."""
-    out = apply_memory(state, x, opts)
-    if reset is None:
-        return out
-    after_start = torch.cumsum(reset.long(), -1) > 0
-    return torch.where(after_start[..., None, :, None], apply_memory(init, x, opts), out)
+def _generated(gen: Tensor, q: Tensor | None, readouts: GateReadouts) -> tuple[Tensor, ...]:
+    """Keys, values, learning rates, log-retentions and queries from the generators' outputs gen (B, H, G, L, w)
+    (q: static queries (B, H, L, w), or None to take M_q's output)."""
+    sd = gen.dtype
+    k = F.normalize(gen[:, :, 0], dim=-1)
+    v = gen[:, :, 1]
+    eta = readouts.eta_max * torch.sigmoid(
+        torch.einsum("bhlw,hw->bhl", gen[:, :, 2], readouts.eta_weight.to(sd)) + readouts.eta_bias.to(sd)[:, None])
+    log_alpha = F.logsigmoid(
+        torch.einsum("bhlw,hw->bhl", gen[:, :, 3], readouts.alpha_weight.to(sd)) + readouts.alpha_bias.to(sd)[:, None])
+    return k, v, eta, log_alpha, F.normalize(gen[:, :, 4] if q is None else q, dim=-1)
 
 
 def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, gen_init: State,
                         mem_init: State, readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int,
-                        opts: MemoryOptions, state: State | None = None, impl: str = "chunked"
+                        opts: MemoryOptions, state: State | None = None, impl: str = "torch"
                         ) -> tuple[Tensor, State]:
     """Run the self-modifying memories over a sequence.
 
     gen_inputs: (B, H, G, T, w), the static projections feeding the generators in the order k, v, eta, alpha
     (then q when q is adaptive, in which case `q` is None); q: (B, H, T, w) static queries (L2-normalised
     here); log_beta: (B, H, T) momentum decay; gen_init / mem_init: init states with leading dims (H, G) and
-    (H, 1); doc_start: (B, T) bool. Returns the main memory's read-outs (B, H, T, w) and the final state,
-    whose memory dim (at -3) holds the G generators, then the main memory. The inner loop runs in fp32, also
-    under autocast (hope_spec.md 2.8: states and scans in fp32).
+    (H, 1); doc_start: (B, T) bool. impl: "torch" (chunk-parallel) or "sequential" (the oracle). Returns the
+    main memory's read-outs (B, H, T, w) and the final state, whose memory dim (at -3) holds the G generators,
+    then the main memory. The inner loop runs in fp32, also under autocast (hope_spec.md 2.8).
     """
     with torch.autocast(gen_inputs.device.type, enabled=False):
-        return _scan(gen_inputs, q, log_beta, gen_init, mem_init, readouts, doc_start, chunk_size, opts, state, impl)
+        dtype, sd = gen_inputs.dtype, state_dtype(gen_inputs.dtype)
+        gen_inputs, q = gen_inputs.to(sd), q.to(sd) if q is not None else None
+        log_beta = log_beta.to(sd) if log_beta is not None else None
+        B, H, G, T, _ = gen_inputs.shape
+        # one stack of G generators + the main memory (last): every memory is updated in the same ops
+        init = {n: torch.cat([gen_init[n], mem_init[n]], dim=1).to(sd) for n in gen_init}
+        if state is None:
+            state = initial_state(init, torch.Size((B, H, G + 1)), opts)
+        args = (gen_inputs, q, log_beta, init, readouts, doc_start, chunk_size, opts, state)
+        if impl == "sequential":
+            out, state = _scan_sequential(*args)
+        elif impl == "torch":
+            out, state = _scan_chunked(*args)
+        else:
+            raise ValueError(f"memory impl {impl!r}: expected 'torch' or 'sequential'")
+        return out.to(dtype), state
 
 
-def _scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, gen_init: State, mem_init: State,
-          readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
-          state: State | None, impl: str) -> tuple[Tensor, State]:
-    dtype, sd = gen_inputs.dtype, state_dtype(gen_inputs.dtype)
-    gen_inputs = gen_inputs.to(sd)
-    B, H, G, T, _ = gen_inputs.shape
-    # one stack of G generators + the main memory (last): every memory is updated in the same ops
-    init = {n: torch.cat([gen_init[n], mem_init[n]], dim=1).to(sd) for n in gen_init}
-    if state is None:
-        state = initial_state(init, torch.Size((B, H, G + 1)), opts)
-    step = chunk_update_chunked if impl == "chunked" else chunk_update_sequential
-    resets = doc_start[:, None, :].expand(B, H, T) if doc_start is not None else None
-    outs = []
-    for s in range(0, T, chunk_size):
-        sl = slice(s, min(s + chunk_size, T))
-        reset = resets[..., sl] if resets is not None else None
-        gen_state = {n: t[:, :, :G] for n, t in state.items() if n in init}
-        gen = _read_at_chunk_start(gen_state, {n: t[:, :G] for n, t in init.items()}, gen_inputs[..., sl, :],
-                                   reset, opts)  # (B, H, G, L, w)
-        k = F.normalize(gen[:, :, 0], dim=-1)
-        v = gen[:, :, 1]
-        eta = readouts.eta_max * torch.sigmoid(
-            torch.einsum("bhlw,hw->bhl", gen[:, :, 2], readouts.eta_weight.to(sd)) + readouts.eta_bias.to(sd)[:, None])
-        log_alpha = F.logsigmoid(
-            torch.einsum("bhlw,hw->bhl", gen[:, :, 3], readouts.alpha_weight.to(sd)) + readouts.alpha_bias.to(sd)[:, None])
-        q_chunk = F.normalize(gen[:, :, 4] if q is None else q[..., sl, :].to(sd), dim=-1)
+def _scan_sequential(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, init: State,
+                     readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
+                     state: State) -> tuple[Tensor, State]:
+    G = gen_inputs.shape[2]
+
+    def inputs(P: State, t: int):
+        gen = apply_memory({n: w[:, :, :G] for n, w in P.items()}, gen_inputs[..., t:t + 1, :], opts)
+        k, v, eta, log_alpha, q_t = _generated(gen, None if q is None else q[..., t:t + 1, :], readouts)
+        # keys, values and gates are shared by every memory of the head (memory dim 1 at -2 / -1)
+        return (k[:, :, None, 0], v[:, :, None, 0], q_t[:, :, None, 0], eta[:, :, None, 0], log_alpha[:, :, None, 0],
+                log_beta[:, :, None, t] if opts.momentum else None)
+
+    out, state = sequential_scan(init, state, inputs, None if doc_start is None else doc_start[:, None, None],
+                                 gen_inputs.shape[-2], chunk_size, opts, read_memory=-1)
+    return out[:, :, 0], state
+
+
+def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, init: State,
+                  readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
+                  state: State) -> tuple[Tensor, State]:
+    G = gen_inputs.shape[2]
+    layout = DocumentLayout.build(doc_start, chunk_size) if doc_start is not None else None
+    if layout is not None:
+        gen_inputs = layout.scatter(gen_inputs, -2)
+        q = layout.scatter(q, -2) if q is not None else None
+        log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
+        doc_start = layout.doc_start
+
+    def chunk(state: State, x: Tensor, q: Tensor | None, log_beta: Tensor | None, real: Tensor | None,
+              last: Tensor | None) -> tuple[State, Tensor]:
+        # the generators are read at the chunk-start state (reading A): nothing in a chunk waits for its tokens
+        gen = apply_memory({n: w[:, :, :G] for n, w in state.items() if n in init}, x, opts)
+        k, v, eta, log_alpha, q = _generated(gen, q, readouts)
+        if real is not None:  # pads: zero generator inputs give zero keys; learning rate 0 and unit decays here
+            eta, log_alpha = eta * real, log_alpha * real
         gates = ChunkGates(eta[:, :, None], log_alpha[:, :, None],
-                           log_beta[..., sl].to(sd)[:, :, None] if opts.momentum else None,
-                           reset[:, :, None] if reset is not None else None, opts.momentum_form)
+                           log_beta[:, :, None] if opts.momentum else None, opts.momentum_form)
         # keys and values are shared by every memory of the head; only the main memory is read
-        state, out = step(state, init, gates, k[:, :, None], v[:, :, None], q_chunk[:, :, None], opts, read_memory=-1)
+        return chunk_update(state, gates, k[:, :, None], v[:, :, None], q[:, :, None], opts, read_memory=-1, last=last)
+
+    outs = []
+    for s in range(0, gen_inputs.shape[-2], chunk_size):
+        sl = slice(s, s + chunk_size)
+        if doc_start is not None:
+            state = restart_documents(state, init, doc_start[:, s, None, None])
+        x = gen_inputs[..., sl, :]
+        real = last = None
+        if layout is not None:
+            real = layout.keep[:, None, sl]
+            last = layout.last_in_chunk(s, x.shape[-2])[:, None, None].expand(x.shape[0], x.shape[1], 1)
+        new, out = run_chunk(chunk, opts, state, x, q[..., sl, :] if q is not None else None,
+                             log_beta[..., sl] if log_beta is not None else None, real, last)
+        state = new if layout is None else keep_finished_rows(layout.row_active(s), new, state)
         outs.append(out[:, :, 0])
-    return torch.cat(outs, dim=-2).to(dtype), state
+    out = torch.cat(outs, dim=-2)
+    return (layout.gather(out, -2) if layout is not None else out), state

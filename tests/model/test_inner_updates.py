@@ -20,8 +20,8 @@ def reference(model, tokens: torch.Tensor, targets: torch.Tensor, doc_start: tor
     """Each sequence on its own, chunk by chunk, carrying the mixer states. The adapting levels read
     theta_0 + delta with delta a constant (first-order); after each chunk, the gradient of the chunk's summed loss
     w.r.t. the weights just read is added to the level's sum, and a level whose inner_chunk divides the chunk end
-    takes the SGD step delta -= lr * sum. A document start (at a chunk start) restores theta_0 (delta = 0) and
-    drops the pending sums of every level."""
+    takes the SGD step delta -= lr * sum. A document start (at a chunk start) restores theta_0 (delta = 0), drops
+    the pending sums of every level and restarts the levels' schedules (tokens counted from the document start)."""
     cfg = model.cfg
     C, lr = cfg.cms.inner_chunk, cfg.cms.inner_lr
     period = {l: lvl.inner_chunk for l, lvl in enumerate(cfg.cms.levels) if lvl.inner_chunk}
@@ -32,10 +32,11 @@ def reference(model, tokens: torch.Tensor, targets: torch.Tensor, doc_start: tor
         delta = {key: {n: torch.zeros_like(p) for n, p in ps.items()} for key, ps in theta0.items()}
         acc = {key: {n: torch.zeros_like(p) for n, p in ps.items()} for key, ps in theta0.items()}
         states = [None] * len(model.blocks)
-        row = []
+        row, doc_begin = [], 0
         for s in range(0, T, C):
             doc = None if doc_start is None else doc_start[b:b + 1, s:s + C]
             if doc is not None and doc[0, 0]:
+                doc_begin = s
                 delta = {key: {n: torch.zeros_like(d) for n, d in ds.items()} for key, ds in delta.items()}
                 acc = {key: {n: torch.zeros_like(a) for n, a in sums.items()} for key, sums in acc.items()}
             weights = {key: {n: p + delta[key][n] for n, p in ps.items()} for key, ps in theta0.items()}
@@ -55,7 +56,7 @@ def reference(model, tokens: torch.Tensor, targets: torch.Tensor, doc_start: tor
             for (key, n), g in zip(flat, grads):
                 acc[key][n] += g
             for key in weights:
-                if (s + C) % period[key[1]] == 0:
+                if (s + C - doc_begin) % period[key[1]] == 0:
                     for n in delta[key]:
                         delta[key][n] = delta[key][n] - lr * acc[key][n]
                         acc[key][n] = torch.zeros_like(acc[key][n])
@@ -138,9 +139,27 @@ def test_document_starts_restore_the_meta_learned_weights(build):
     torch.testing.assert_close(logits[0, 32:], alone[0], rtol=1e-9, atol=1e-9)
     first, _ = model.forward_inner_updates(tokens[:, :32], targets[:, :32])
     torch.testing.assert_close(logits[:, :32], first, rtol=1e-9, atol=1e-9)
-    doc[1, 20] = True
-    with pytest.raises(ValueError, match="multiples of the inner chunk"):
-        model.forward_inner_updates(tokens, targets, doc)
+
+
+@pytest.mark.parametrize("offset", [5, 20, 33])
+def test_packed_document_adapts_as_it_would_alone(build, offset):
+    """A document starting off the CMS chunk grid (16; level 1 steps every 32 tokens; memory chunk 16) computes
+    what it computes alone: the mixers' chunk grids and the CMS levels' update schedules restart at its start.
+    The document before it is unaffected by what follows."""
+    model = build("hope", *INNER)
+    randomize_mixers(model, seed=4)
+    tokens, targets = data()
+    doc = torch.zeros(2, T, dtype=torch.bool)
+    doc[:, 0] = True
+    doc[0, offset] = True
+    logits, loss = model.forward_inner_updates(tokens, targets, doc)
+    alone, _ = model.forward_inner_updates(tokens[:1, offset:], targets[:1, offset:])
+    torch.testing.assert_close(logits[0, offset:], alone[0], rtol=1e-9, atol=1e-9)
+    before, _ = model.forward_inner_updates(tokens[:1, :offset], targets[:1, :offset])
+    torch.testing.assert_close(logits[0, :offset], before[0], rtol=1e-9, atol=1e-9)
+    unpacked, _ = model.forward_inner_updates(tokens[1:], targets[1:])
+    torch.testing.assert_close(logits[1], unpacked[0], rtol=1e-9, atol=1e-9)
+    assert torch.isfinite(loss)
 
 
 def randomize_mixers(model, seed: int) -> None:

@@ -32,7 +32,7 @@ def test_cuda_chunked_matches_cpu_oracle(kind):
     ref, ref_state = memory_scan(init, k, v, q, eta, la, lb, ds, 8, opts, impl="sequential")
     cuda = lambda t: t.float().cuda()  # noqa: E731
     out, state = memory_scan({n: cuda(t) for n, t in init.items()}, cuda(k), cuda(v), cuda(q), cuda(eta), cuda(la),
-                             cuda(lb), ds.cuda(), 8, opts, impl="chunked")
+                             cuda(lb), ds.cuda(), 8, opts, impl="torch")
     assert ((out.double().cpu() - ref).abs().max() / ref.abs().max()) < 1e-5
     for n in ref_state:
         assert ((state[n].double().cpu() - ref_state[n]).abs().max() / ref_state[n].abs().max()) < 1e-5

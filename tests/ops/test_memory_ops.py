@@ -31,7 +31,7 @@ def _run(impl, opts, chunk, init, raw, doc_start):
 
 def _compare(opts, dtype, tol, seed, B=2, H=2, T=13, w=5, m=7, chunk=4, resets=True):
     results = []
-    for impl in ("chunked", "sequential"):
+    for impl in ("torch", "sequential"):
         init, raw, doc_start, leaves = _inputs(opts.kind, B, H, T, w, m, dtype, seed, resets)
         out, state = _run(impl, opts, chunk, init, raw, doc_start)
         loss = (out * torch.linspace(-1, 1, out.shape[-1], dtype=dtype)).sum() + sum((s ** 2).sum() for s in state.values())
@@ -103,16 +103,26 @@ def test_fp32_relative(kind):
     _compare(opts, torch.float32, 1e-5, seed=11, T=24, w=8, m=16, chunk=8)
 
 
+def _starts(shape, rows: list[list[int]]) -> torch.Tensor:
+    ds = torch.zeros(*shape, dtype=torch.bool).flatten(0, -2)
+    for row, starts in zip(ds, rows):
+        row[starts] = True
+    return ds.view(shape)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_state_carries_across_sequence_shards(kind):
-    """Scanning [0, T1) then [T1, T) from the carried state == one scan (T1 a multiple of the chunk)."""
+    """Scanning [0, 8) then [8, T) from the carried state == one scan, when position 8 is on every row's chunk
+    grid (chunk 4: each row's last document start before 8 is a multiple of 4 away, or a document starts at 8);
+    documents also start mid-chunk before and after the split."""
     opts = MemoryOptions(kind=kind, self_target=True)
-    init, raw, doc_start, _ = _inputs(kind, 2, 2, 16, 4, 6, torch.float64, 3, True)
+    init, raw, _, _ = _inputs(kind, 2, 2, 16, 4, 6, torch.float64, 3, False)
+    doc_start = _starts((2, 2, 16), [[0, 5, 8, 11], [0, 4, 13], [2, 4, 12], [0, 3, 4, 10]])
     with torch.no_grad():
-        full, state_full = _run("chunked", opts, 4, init, raw, doc_start)
+        full, state_full = _run("torch", opts, 4, init, raw, doc_start)
         first = {n: t[..., :8, :] if t.dim() == 4 else t[..., :8] for n, t in raw.items()}
         second = {n: t[..., 8:, :] if t.dim() == 4 else t[..., 8:] for n, t in raw.items()}
-        o1, s1 = _run("chunked", opts, 4, init, first, doc_start[..., :8])
+        o1, s1 = _run("torch", opts, 4, init, first, doc_start[..., :8])
         k2 = F.normalize(second["k"], dim=-1)
         o2, s2 = memory_scan(init, k2, second["v"], second["q"], torch.sigmoid(second["eta"]) * 0.2,
                              F.logsigmoid(second["alpha"] + 3.0), F.logsigmoid(second["beta"]), doc_start[..., 8:],
@@ -122,18 +132,35 @@ def test_state_carries_across_sequence_shards(kind):
         torch.testing.assert_close(s2[n], state_full[n], rtol=1e-12, atol=1e-12)
 
 
-def test_document_start_restores_init():
-    """Tokens after a document start see exactly what a fresh sequence starting there would see."""
-    opts = MemoryOptions(kind="mlp", self_target=True)
-    init, raw, _, _ = _inputs("mlp", 1, 2, 12, 4, 6, torch.float64, 5, False)
-    doc_start = torch.zeros(1, 2, 12, dtype=torch.bool)
-    doc_start[..., 7] = True
-    with torch.no_grad():
-        out, _ = _run("chunked", opts, 4, init, raw, doc_start)
-        tail = {n: t[..., 7:, :] if t.dim() == 4 else t[..., 7:] for n, t in raw.items()}
-        alone, _ = _run("chunked", opts, 4, init, tail, None)
-    # chunk boundaries of the tail run sit at 7 + 4j, those of the packed run at 8, so compare the first chunk
-    torch.testing.assert_close(out[..., 7:8, :], alone[..., :1, :], rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("impl", ["torch", "sequential"])
+@pytest.mark.parametrize("kind,momentum_form,readout", [("linear", "hope", "after_write"), ("mlp", "hope", "before_write"),
+                                                        ("mlp", "titans", "after_write"), ("linear", "titans", "chunk_start")])
+def test_packed_document_computes_what_it_computes_alone(impl, kind, momentum_form, readout):
+    """Packing invariance: the chunk grid restarts at every document start, so a document's read-outs and every
+    gradient (its inputs, the memory init) are the same at each offset in a packed row and equal running it alone."""
+    opts = MemoryOptions(kind=kind, self_target=True, momentum_form=momentum_form, readout=readout, grad_clip=0.5)
+    chunk, n_doc = 4, 11
+    init, doc, _, doc_leaves = _inputs(kind, 1, 2, n_doc, 3, 5, torch.float64, 21, False)
+    weights = torch.linspace(-1, 1, n_doc * 3, dtype=torch.float64).view(n_doc, 3)
+
+    def outputs_and_grads(offset: int | None):
+        if offset is None:
+            raw, ds = doc, None
+        else:
+            _, before, _, _ = _inputs(kind, 1, 2, offset, 3, 5, torch.float64, 22, False)
+            _, after, _, _ = _inputs(kind, 1, 2, 6, 3, 5, torch.float64, 23, False)
+            raw = {n: torch.cat([before[n].detach(), doc[n], after[n].detach()], dim=2) for n in doc}
+            ds = _starts((1, 2, offset + n_doc + 6), [[0, offset, offset + n_doc]] * 2)
+        out, _ = _run(impl, opts, chunk, init, raw, ds)
+        out = out[..., (offset or 0):(offset or 0) + n_doc, :]
+        return out, torch.autograd.grad((out * weights).sum(), doc_leaves)
+
+    alone, grads_alone = outputs_and_grads(None)
+    for offset in range(1, 2 * chunk + 1):
+        packed, grads = outputs_and_grads(offset)
+        torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12, msg=f"read-outs at offset {offset}")
+        for i, (a, b) in enumerate(zip(grads, grads_alone)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient {i} at offset {offset}")
 
 
 def test_low_precision_inputs_keep_fp32_state():
@@ -141,6 +168,6 @@ def test_low_precision_inputs_keep_fp32_state():
     init, raw, doc_start, _ = _inputs("mlp", 1, 2, 8, 4, 6, torch.float32, 2, True)
     with torch.no_grad():
         raw16 = {n: t.to(torch.bfloat16) for n, t in raw.items()}
-        out, state = _run("chunked", opts, 4, init, raw16, doc_start)
+        out, state = _run("torch", opts, 4, init, raw16, doc_start)
     assert out.dtype == torch.bfloat16
     assert all(s.dtype == torch.float32 for s in state.values())

@@ -35,7 +35,7 @@ def test_mixer_chunked_matches_sequential(name, kind, momentum, adaptive_q):
     x = torch.randn(2, 11, 24, dtype=torch.float64, requires_grad=True)
     ds = _doc_start(2, 11, [(1, 6), (0, 3)])
     results = []
-    for impl in ("chunked", "sequential"):
+    for impl in ("torch", "sequential"):
         m.cfg.memory.impl = impl
         y, state = m(x, ds)
         loss = (y * torch.linspace(-1, 1, 24, dtype=torch.float64)).sum()
@@ -64,30 +64,67 @@ def test_mixer_causal(name):
             assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
 
 
-@pytest.mark.parametrize("name", MIXERS)
-def test_mixer_document_isolation(name):
-    """A document starting on a chunk boundary sees nothing of the one before it."""
-    m = _mixer(name, chunk_size=4)
-    x = torch.randn(1, 12, 24, dtype=torch.float64)
-    y, _ = m(x, _doc_start(1, 12, [(0, 8)]))
-    alone, _ = m(x[:, 8:], _doc_start(1, 4, []))
-    torch.testing.assert_close(y[:, 8:], alone, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("impl", ["torch", "sequential"])
+@pytest.mark.parametrize("name,kind", [("smt", "mlp"), ("smt", "linear"), ("titans", "mlp")])
+def test_packed_document_computes_what_it_computes_alone(name, kind, impl):
+    """Packing invariance of the mixers: a document's outputs and the gradients of its inputs and of every
+    parameter are the same at each offset in a packed row (with documents before and after it) and equal running
+    it alone: the chunk grid restarts at its start."""
+    m = _mixer(name, kind=kind, chunk_size=4, impl=impl)
+    n_doc = 10
+    doc = torch.randn(1, n_doc, 24, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, n_doc * 24, dtype=torch.float64).view(1, n_doc, 24)
+
+    def outputs_and_grads(offset: int):
+        x = torch.cat([torch.randn(1, offset, 24, dtype=torch.float64), doc, torch.randn(1, 5, 24, dtype=torch.float64)], 1)
+        y, _ = m(x, _doc_start(1, x.shape[1], [(0, offset), (0, offset + n_doc)]))
+        y = y[:, offset:offset + n_doc]
+        return y, torch.autograd.grad((y * weights).sum(), [doc, *m.parameters()], allow_unused=True)
+
+    alone, grads_alone = outputs_and_grads(0)
+    for offset in (1, 2, 3, 5, 7):
+        packed, grads = outputs_and_grads(offset)
+        torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12, msg=f"outputs at offset {offset}")
+        for i, (a, b) in enumerate(zip(grads, grads_alone)):
+            if b is None:
+                assert a is None or not a.any()
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient {i} at offset {offset}")
+
+
+@pytest.mark.parametrize("name,kind,differentiable", [("smt", "mlp", True), ("smt", "linear", False),
+                                                     ("titans", "mlp", True)])
+def test_recompute_chunks_equals_saving_everything(name, kind, differentiable):
+    """model.memory.recompute_chunks saves only each chunk's inputs and recomputes the chunk in backward: the
+    outputs, final states and every gradient are those of the plain autograd path, bit for bit."""
+    x = torch.randn(2, 19, 24, dtype=torch.float64, requires_grad=True)
+    ds = _doc_start(2, 19, [(0, 6), (1, 9), (1, 13)])
+    results = []
+    for recompute in (False, True):
+        m = _mixer(name, kind=kind, chunk_size=4, differentiable_writes=differentiable, recompute_chunks=recompute)
+        y, state = m(x, ds)
+        loss = (y * torch.linspace(-1, 1, 24, dtype=torch.float64)).sum() + sum(s.square().sum() for s in state.memory.values())
+        results.append((y, state.memory, torch.autograd.grad(loss, [x, *m.parameters()], allow_unused=True)))
+    (y1, s1, g1), (y2, s2, g2) = results
+    assert torch.equal(y1, y2) and all(torch.equal(s1[n], s2[n]) for n in s1)
+    for a, b in zip(g1, g2):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name,kind,conv_width", [("smt", "mlp", 4), ("smt", "linear", 3), ("smt", "mlp", 2),
                                                     ("titans", "mlp", 4), ("titans", "linear", 2)])
 def test_mixer_state_continues_across_calls(name, kind, conv_width):
     """Running [0, 8) then [8, 16) from the carried state == one call: outputs and final state, with random conv
-    filters and memory inits. Row 0 starts a document at 7, inside the conv's reach of the split (the carry must
-    not let tokens 8.. see 5 and 6), and at 9; row 1 at 10."""
-    cfg = ModelConfig(d_model=24, n_heads=3, conv_width=conv_width, memory=MemoryConfig(kind=kind, chunk_size=4))
+    filters and memory inits. Row 0 starts a document at 6, inside the conv's reach of the split (the carry must
+    not let tokens 8.. see 5), and at 9; row 1 at 2 and 11. The split is on every row's chunk grid (chunk 2)."""
+    cfg = ModelConfig(d_model=24, n_heads=3, conv_width=conv_width, memory=MemoryConfig(kind=kind, chunk_size=2))
     torch.manual_seed(0)
     m = MIXERS[name](cfg).double()
     with torch.no_grad():
         for p in (m.conv.weight, *m.mem_init.values(), *getattr(m, "gen_init", {}).values()):
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(2, 16, 24, dtype=torch.float64)
-    ds = _doc_start(2, 16, [(0, 7), (0, 9), (1, 10)])
+    ds = _doc_start(2, 16, [(0, 6), (0, 9), (1, 2), (1, 11)])
     y, s = m(x, ds)
     y1, s1 = m(x[:, :8], ds[:, :8])
     y2, s2 = m(x[:, 8:], ds[:, 8:], state=s1)

@@ -24,7 +24,7 @@ from megatron_hope.model.titans import memory_options
 from megatron_hope.ops.memory import MemoryOptions, memory_scan
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
 
-IMPLS = ("sequential", "chunked")
+IMPLS = ("sequential", "torch")
 LINEAR = dict(kind="linear", momentum=False, dgd="none")
 
 

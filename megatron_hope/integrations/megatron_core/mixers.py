@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from megatron_hope.integrations.megatron_core.config import HopeTransformerConfig, UnsupportedByPlugin
 from megatron_hope.model.layers import CausalDepthwiseConv1d, RMSNorm
 from megatron_hope.model.titans import memory_init, memory_options
-from megatron_hope.ops.memory import memory_scan
+from megatron_hope.ops.memory import memory_scan, resolve_impl
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
 
 
@@ -156,7 +156,7 @@ class SelfModifyingTitansMixer(_TPMixerBase):
         log_beta = F.logsigmoid(beta).permute(1, 2, 0)  # (b, heads, s)
         o, _ = self_modifying_scan(torch.stack(gens, dim=2), None if mem.adaptive_q else q_in, log_beta,
                                    dict(self.gen_init), dict(self.mem_init), readouts, None, mem.chunk_size,
-                                   self.opts, impl=mem.impl)
+                                   self.opts, impl=resolve_impl(mem.impl))
         return self.output(o, hidden_states), None
 
 
@@ -188,5 +188,5 @@ class TitansMixer(_TPMixerBase):
         init = {n: t[:, 0] for n, t in self.mem_init.items()}
         o, _ = memory_scan(init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1),
                            mem.eta_max * torch.sigmoid(eta_pre), F.logsigmoid(alpha_pre), F.logsigmoid(beta_pre),
-                           None, mem.chunk_size, self.opts, impl=mem.impl)
+                           None, mem.chunk_size, self.opts, impl=resolve_impl(mem.impl))
         return self.output(o, hidden_states), None
