@@ -2,6 +2,7 @@
 `key: value` output."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -48,3 +49,21 @@ def emit(key: str, value: object) -> None:
     if isinstance(value, float):
         value = f"{value:.4g}"
     print(f"{key}: {value}", flush=True)
+
+
+def add_run_options(parser: argparse.ArgumentParser, compile_help: str) -> None:
+    """--threads, --compile and --device, shared by the benchmarks that time models or layers."""
+    parser.add_argument("--compile", action="store_true", help=compile_help)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+
+
+def start_run(args: argparse.Namespace) -> torch.device:
+    """Applies --threads and prints the device, thread count and whether the timing is compiled."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    emit("device", device.type if device.type == "cpu" else torch.cuda.get_device_name(device))
+    emit("threads", torch.get_num_threads())
+    emit("compiled", str(args.compile).lower())
+    return device

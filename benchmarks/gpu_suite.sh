@@ -11,3 +11,6 @@ python3 -m pytest -q -p no:cacheprovider tests/ops tests/model 2>&1 | tee "$out/
 python3 -m benchmarks.models --device cuda --reps 5 2>&1 | tee "$out/models_b4_t512.txt"
 python3 -m benchmarks.models --device cuda --reps 5 --batch 16 --seq-len 2048 2>&1 | tee "$out/models_b16_t2048.txt"
 python3 -m benchmarks.inner_loop --device cuda --reps 3 2>&1 | tee "$out/inner_loop.txt"
+python3 -m benchmarks.mixer --device cuda --reps 5 2>&1 | tee "$out/mixer.txt"
+python3 -m benchmarks.mixer --device cuda --reps 5 --compile 2>&1 | tee "$out/mixer_compiled.txt"
+python3 -m benchmarks.models --device cuda --reps 5 --compile 2>&1 | tee "$out/models_compiled_b4_t512.txt"

@@ -4,9 +4,10 @@ attention at the same width and heads. Three measurements:
 - ops per chunk: aten ops dispatched by one layer's forward + backward, divided by the number of memory chunks
   (T / chunk), at each --seq-lens; plus the ten op names HOPE's mixer dispatches most (per chunk, at the longest
   T). Each op is a kernel launch on a GPU, so this is the launch count the mixer kernels work to bring down.
-- activation bytes per token at --act-seq-len (batch --act-batch): the bytes of the tensors one layer saves for
-  backward during its forward (storages counted once; parameters and the input left out); with --device cuda also
-  the peak of torch.cuda.max_memory_allocated over one forward + backward, above what was allocated before.
+- activation bytes per token at --act-seq-len (batch --act-batch): the bytes one layer's forward allocates and
+  still holds when it returns, less its output (the profiler's CPU memory events): saved tensors and, with
+  model.memory.recompute_chunks = n, the states kept every n chunks; with --device cuda also the peak of
+  torch.cuda.max_memory_allocated over one forward + backward, above what was allocated before.
 - forward + backward tokens/s of the three layers at the longest --seq-lens, the layers taking turns; --compile
   compiles each layer (layer.compile()) for this timing only, during the two warm-up rounds (a cold compile can
   take minutes on a CPU). The op counts and activation bytes are always of the eager layers.
@@ -23,9 +24,10 @@ from collections import Counter
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import emit, interleaved_median_seconds, sync
+from benchmarks.common import add_run_options, emit, interleaved_median_seconds, start_run, sync
 from megatron_hope.config import MemoryConfig, ModelConfig
 from megatron_hope.model.attention import CausalSelfAttention
 from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer
@@ -47,7 +49,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def make_layer(name: str, d_model: int, heads: int, chunk: int, seq_len: int, device: torch.device,
-               recompute_chunks: bool = False) -> nn.Module:
+               recompute_chunks: int = 0) -> nn.Module:
     arch, cls = LAYERS[name]
     cfg = ModelConfig(arch=arch, d_model=d_model, n_heads=heads, n_layers=1, max_seq_len=seq_len,
                       memory=MemoryConfig(chunk_size=chunk, recompute_chunks=recompute_chunks))
@@ -77,20 +79,15 @@ def op_counts(layer: nn.Module, x: Tensor) -> Counter[str]:
     return counter.counts
 
 
-def saved_bytes(layer: nn.Module, x: Tensor) -> int:
-    """Bytes of the storages the forward saves for backward, each counted once; parameters and x left out."""
-    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward(layer, x)
-    return sum(storages.values())
+def retained_bytes(layer: nn.Module, x: Tensor) -> int:
+    """Bytes the forward allocates and still holds when it returns (what backward keeps alive: saved tensors,
+    checkpointed states), less its output: the net of the profiler's memory events on x's device."""
+    cpu = x.device.type == "cpu"
+    with profile(activities=[ProfilerActivity.CPU if cpu else ProfilerActivity.CUDA], profile_memory=True) as prof:
+        out = forward(layer, x)
+    held = sum(e.self_cpu_memory_usage if cpu else e.self_device_memory_usage for e in prof.events())
+    fresh_output = out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    return held - (out.untyped_storage().nbytes() if fresh_output else 0)
 
 
 def cuda_peak_bytes(layer: nn.Module, x: Tensor) -> int:
@@ -121,22 +118,21 @@ def report_activations(args: argparse.Namespace, device: torch.device) -> None:
     T, B = args.act_seq_len, args.act_batch
     emit("activation_shape", f"B={B} T={T}")
     x = torch.randn(B, T, args.d_model, device=device, requires_grad=True)
-    saved, peak = {}, {}
+    held, peak = {}, {}
     for name in LAYERS:
         layer = make_layer(name, args.d_model, args.heads, args.chunk, T, device)
-        saved[name] = saved_bytes(layer, x) / (B * T)
-        emit(f"{name}_saved_bytes_per_token", round(saved[name]))
+        held[name] = retained_bytes(layer, x) / (B * T)
+        emit(f"{name}_retained_bytes_per_token", round(held[name]))
         if device.type == "cuda":
             peak[name] = cuda_peak_bytes(layer, x) / (B * T)
             emit(f"{name}_cuda_peak_bytes_per_token", round(peak[name]))
-    emit("hope_vs_transformerpp_activation_ratio", saved["hope_mixer"] / saved["transformerpp_attention"])
-    # model.memory.recompute_chunks: the forward keeps each chunk's inputs only
-    layer = make_layer("hope_mixer", args.d_model, args.heads, args.chunk, T, device, recompute_chunks=True)
-    recomputed = saved_bytes(layer, x) / (B * T)
-    emit("hope_mixer_recompute_chunks_saved_bytes_per_token", round(recomputed))
-    emit("hope_recompute_chunks_vs_transformerpp_activation_ratio", recomputed / saved["transformerpp_attention"])
-    if peak:
-        emit("hope_vs_transformerpp_cuda_peak_ratio", peak["hope_mixer"] / peak["transformerpp_attention"])
+    emit("hope_vs_transformerpp_activation_ratio", held["hope_mixer"] / held["transformerpp_attention"])
+    # model.memory.recompute_chunks = n: the forward keeps the state every n chunks and views of its inputs
+    for n in (1, 2, 4):
+        layer = make_layer("hope_mixer", args.d_model, args.heads, args.chunk, T, device, recompute_chunks=n)
+        recomputed = retained_bytes(layer, x) / (B * T)
+        emit(f"hope_mixer_recompute_chunks_{n}_retained_bytes_per_token", round(recomputed))
+        emit(f"hope_recompute_chunks_{n}_vs_transformerpp_activation_ratio", recomputed / held["transformerpp_attention"])
 
 
 def report_throughput(args: argparse.Namespace, device: torch.device) -> None:
@@ -165,16 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--act-seq-len", type=int, default=4096, help="sequence length of the activation bytes")
     parser.add_argument("--act-batch", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5, help="timed rounds after two warm-up rounds")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each layer for the timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
+    add_run_options(parser, "torch.compile each layer for the timing")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    emit("device", device.type if device.type == "cpu" else torch.cuda.get_device_name(device))
-    emit("threads", torch.get_num_threads())
-    emit("compiled", str(args.compile).lower())
+    device = start_run(args)
     emit("shape", f"d_model={args.d_model} heads={args.heads} chunk={args.chunk} batch={args.batch}")
     report_op_counts(args, device)
     report_activations(args, device)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import emit, interleaved_median_seconds
+from benchmarks.common import add_run_options, emit, interleaved_median_seconds, start_run
 from megatron_hope.config import CMSConfig, CMSLevel, MemoryConfig, ModelConfig
 from megatron_hope.model.lm import HopeLM
 from megatron_hope.model.summary import count_parameters, training_flops_per_token
@@ -97,16 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--chunk", type=int, default=64, help="memory chunk size of HOPE and Titans")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (during the warm-up)")
-    parser.add_argument("--device", default="cpu")
+    add_run_options(parser, "torch.compile each block (during the warm-up)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    emit("device", device.type if device.type == "cpu" else torch.cuda.get_device_name(device))
-    emit("threads", torch.get_num_threads())
-    emit("compiled", str(args.compile).lower())
+    device = start_run(args)
     emit("batch", args.batch)
     emit("seq_len", args.seq_len)
     configs = equal_size_configs(args.seq_len, args.chunk)

@@ -153,7 +153,7 @@ def describe(run: Run, sharded: bool) -> list[str]:
     if cfg.model.arch != "transformerpp":
         m = cfg.model.memory
         lines.append(f"memory inner loop: {resolve_impl(m.impl)} (model.memory.impl = {m.impl}), chunk {m.chunk_size}"
-                     f"{', chunks recomputed in backward' if m.recompute_chunks else ''}")
+                     f"{f', recomputed in backward {m.recompute_chunks} chunk(s) at a time' if m.recompute_chunks else ''}")
     periods = cms_periods(cfg)
     if periods:
         lines.append(f"CMS levels: outer periods {periods} optimizer steps (gradients accumulate and sync per "

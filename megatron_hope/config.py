@@ -30,10 +30,16 @@ class MemoryConfig:
     # how the inner loop runs, not what it computes: left out of comparisons, so a checkpoint resumes either way
     # auto: the fastest for the device; sequential: the oracle; chunked: the earlier name of torch (saved configs)
     impl: Literal["auto", "torch", "sequential", "chunked"] = field(default="auto", compare=False)
-    recompute_chunks: bool = field(default=False, compare=False)  # save chunk-start states only; recompute in backward
+    # > 0: keep the state every this many chunks for backward, which recomputes them (less activation memory)
+    recompute_chunks: int = field(default=0, compare=False)
+    # the chunk writes' backward: hand-written (ops/dual_form_grad.py) or autograd through the same math (reference)
+    write_backward: Literal["manual", "autograd"] = field(default="manual", compare=False)
 
     def validate(self, path: str = "model.memory") -> None:
         require_at_least(self, path, 1, ("chunk_size", "hidden_mult"))
+        if self.recompute_chunks < 0:
+            raise ConfigError(f"{path}.recompute_chunks = {self.recompute_chunks} must be >= 0 (0 keeps every "
+                              "activation; n > 0 recomputes n chunks at a time in backward)")
         if self.grad_clip < 0:
             raise ConfigError(f"{path}.grad_clip = {self.grad_clip} must be >= 0 (0 turns inner-update clipping off)")
         if not 0.0 < self.eta_max <= 1.0:
@@ -401,9 +407,9 @@ class Config:
             raise ConfigError(f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len};"
                               " lower train.seq_len or raise model.max_seq_len")
         if self.model.cms.inner_updates:
-            raise ConfigError("model.cms.inner_updates = true is not trainable yet: packed batches start documents "
-                              "at any position, while in-sequence CMS updates need starts at multiples of the "
-                              "inner chunk; set it to false")
+            raise ConfigError("model.cms.inner_updates = true is not wired into the trainer yet (HopeLM."
+                              "forward_inner_updates runs and is tested without data or model parallelism); set it "
+                              "to false")
         for name in ("train_manifest", "tokenizer_dir") + (("val_manifest",) if t.eval_batches else ()):
             value = getattr(self.data, name)
             if not value:

@@ -36,11 +36,11 @@ def memory_options(cfg: ModelConfig, self_modifying: bool) -> MemoryOptions:
         return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form="titans", readout=m.readout,
                              dgd="none", self_target=False, activation=m.activation,
                              differentiable=m.differentiable_writes, grad_clip=m.grad_clip,
-                             recompute_chunks=m.recompute_chunks)
+                             recompute_chunks=m.recompute_chunks, write_backward=m.write_backward)
     return MemoryOptions(kind=m.kind, momentum=m.momentum, momentum_form=m.momentum_form, readout=m.readout,
                          dgd="first" if m.kind == "linear" else m.dgd, self_target=True, activation=m.activation,
                          differentiable=m.differentiable_writes, grad_clip=m.grad_clip,
-                         recompute_chunks=m.recompute_chunks)
+                         recompute_chunks=m.recompute_chunks, write_backward=m.write_backward)
 
 
 def memory_init(kind: str, n_heads: int, n_mem: int, w: int, m: int) -> nn.ParameterDict:

@@ -30,8 +30,9 @@ from torch import Tensor
 MomentumForm = Literal["hope", "titans"]
 
 
-def _masked_exp(diff: Tensor, mask: Tensor) -> Tensor:
-    return diff.masked_fill(~mask, float("-inf")).exp()
+def _masked_exp(diff: Tensor, outside: Tensor) -> Tensor:
+    """exp(diff), zero where `outside` holds."""
+    return diff.masked_fill(outside, float("-inf")).exp()
 
 
 @dataclass
@@ -63,20 +64,21 @@ class ChunkCoefficients:
     def build(gates: ChunkGates) -> "ChunkCoefficients":
         la, eta = gates.log_alpha, gates.eta
         L = la.shape[-1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=la.device).tril()
+        upper = torch.ones(L, L, dtype=torch.bool, device=la.device).triu()  # s >= t
+        future = upper.triu(1)  # s > t
         Lc = torch.cumsum(la, dim=-1)
         g = Lc.exp()
         gp = (Lc - la).exp()
         diff = Lc[..., :, None] - Lc[..., None, :]
-        G = _masked_exp(diff, causal)
-        Gp = _masked_exp(diff - la[..., :, None], causal.tril(-1))
+        G = _masked_exp(diff, future)
+        Gp = _masked_exp(diff - la[..., :, None], upper)
 
         if gates.log_beta is None:
             Dm, Dmp = G * eta[..., None, :], Gp * eta[..., None, :]
             return ChunkCoefficients(g, gp, G, Gp, Dm, Dmp, None, None, 1.0, None, None, eta)
 
         Lb = torch.cumsum(gates.log_beta, dim=-1)
-        Bm = _masked_exp(Lb[..., :, None] - Lb[..., None, :], causal)
+        Bm = _masked_exp(Lb[..., :, None] - Lb[..., None, :], future)
         b = Lb.exp()  # coefficient of S_c in S_s
         if gates.momentum_form == "hope":
             # W gets -eta_s S_s with S_s = b_s S_c + sum_r Bm[s,r] e_r kappa_r^T
@@ -91,6 +93,16 @@ class ChunkCoefficients:
             Dm, Dmp = (G @ Bm) * eta[..., None, :], (Gp @ Bm) * eta[..., None, :]
             sigma, mom_rows = 1.0, -Bm * eta[..., None, :]
         return ChunkCoefficients(g, gp, G, Gp, Dm, Dmp, c, cp, sigma, b, mom_rows, eta)
+
+    def unbind_chunks(self) -> list["ChunkCoefficients"]:
+        """Coefficients built for many chunks at once (a chunk dim before the token dims) -> one per chunk."""
+        pairs = ("G", "Gp", "Dm", "Dmp", "mom_rows")
+        fields = {}
+        for name in ("g", "gp", "G", "Gp", "Dm", "Dmp", "c", "cp", "mom_c", "mom_rows", "eta"):
+            t = getattr(self, name)
+            fields[name] = [None] * self.g.shape[-2] if t is None else t.unbind(-3 if name in pairs else -2)
+        return [ChunkCoefficients(sigma=self.sigma, **{name: f[i] for name, f in fields.items()})
+                for i in range(self.g.shape[-2])]
 
     def detached(self) -> "ChunkCoefficients":
         """Stop-grad writes: the update terms carry no gradient; the decay of the chunk-start state still does."""
@@ -117,11 +129,12 @@ class MatrixWrite:
 
     @staticmethod
     def solve(coef: ChunkCoefficients, W_c: Tensor, S_c: Tensor | None, K: Tensor, E: Tensor, dgd: bool,
-              differentiable: bool = True) -> "MatrixWrite":
+              differentiable: bool = True, KW: Tensor | None = None) -> "MatrixWrite":
+        """KW: W_c applied to the keys, when the caller has it (the inner-gradient step computes it)."""
         X = None
         if dgd:
             KK = K @ K.transpose(-1, -2)  # (..., L, L): kappa_t . kappa_s
-            R = coef.gp[..., None] * _bmv(W_c, K)
+            R = coef.gp[..., None] * (_bmv(W_c, K) if KW is None else KW)
             if S_c is not None:
                 R = R + coef.sigma * coef.cp[..., None] * _bmv(S_c, K)
             R = R - (KK * coef.Dmp) @ E
@@ -158,22 +171,22 @@ class MatrixWrite:
         """State (and momentum) after the chunk's last token, or after token `last` (the coefficients' leading
         dims, long) of each row: a row whose document ends inside the chunk, before the pads."""
         c = self.coef
-        W = _at(c.g, last)[..., None, None] * self.W_c - self.E.transpose(-1, -2) @ (_row(c.Dm, last)[..., None] * self.K)
+        W = at_token(c.g, last)[..., None, None] * self.W_c - self.E.transpose(-1, -2) @ (at_token_row(c.Dm, last)[..., None] * self.K)
         if self.X is not None:
-            W = W - self.X.transpose(-1, -2) @ ((_row(c.G, last) * c.eta)[..., None] * self.K)
+            W = W - self.X.transpose(-1, -2) @ ((at_token_row(c.G, last) * c.eta)[..., None] * self.K)
         S = None
         if self.S_c is not None:
-            W = W + c.sigma * _at(c.c, last)[..., None, None] * self.S_c
-            S = (_at(c.mom_c, last)[..., None, None] * self.S_c
-                 + self.E.transpose(-1, -2) @ (_row(c.mom_rows, last)[..., None] * self.K))
+            W = W + c.sigma * at_token(c.c, last)[..., None, None] * self.S_c
+            S = (at_token(c.mom_c, last)[..., None, None] * self.S_c
+                 + self.E.transpose(-1, -2) @ (at_token_row(c.mom_rows, last)[..., None] * self.K))
         return W, S
 
 
-def _at(x: Tensor, last: Tensor | None) -> Tensor:
+def at_token(x: Tensor, last: Tensor | None) -> Tensor:
     """Entry `last` of a per-token coefficient (..., L) -> (...); the last one if None."""
     return x[..., -1] if last is None else x.gather(-1, last[..., None])[..., 0]
 
 
-def _row(x: Tensor, last: Tensor | None) -> Tensor:
+def at_token_row(x: Tensor, last: Tensor | None) -> Tensor:
     """Row `last` of a token-pair coefficient (..., L, L) -> (..., L); the last row if None."""
     return x[..., -1, :] if last is None else x.gather(-2, last[..., None, None].expand(*last.shape, 1, x.shape[-1]))[..., 0, :]

@@ -39,7 +39,7 @@ def update_flops(opts: MemoryOptions, w: int, m: int, L: int, n_mem: int) -> flo
                 shared += 2 * L * i  # K K^T, once for all memories
             else:
                 per_mem += 2 * L * i
-            per_mem += 2 * o * i + 2 * L * o + (2 * o * i if opts.momentum else 0)  # right-hand side
+            per_mem += 2 * L * o + (2 * o * i if opts.momentum else 0)  # right-hand side (W_c k: from the errors)
             per_mem += 2 * o * i  # the x terms of the final state
         per_mem += 2 * o * i + (2 * o * i if opts.momentum else 0)  # final state and momentum
     return n_mem * per_mem + shared
@@ -59,7 +59,7 @@ def read_flops(opts: MemoryOptions, w: int, m: int, L: int) -> float:
 
 def self_modifying_flops(opts: MemoryOptions, w: int, m: int, L: int, n_gen: int) -> float:
     """Inner loop of the self-modifying Titans mixer, per token and head."""
-    gen_reads = n_gen * apply_flops(opts, w, m) + 2 * 2 * w  # generator outputs + eta/alpha readouts
+    gen_reads = n_gen * apply_flops(opts, w, m)  # generator outputs (the eta/alpha readouts are element-wise)
     # the generators and the main memory are updated as one stack; only the main memory is read
     return (gen_reads + coefficient_flops(L, opts) + update_flops(opts, w, m, L, n_gen + 1)
             + read_flops(opts, w, m, L))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates, MatrixWrite, MomentumForm
+from megatron_hope.ops.dual_form_grad import dual_form_write
 from megatron_hope.ops.packing import DocumentLayout
 
 State = dict[str, Tensor]
@@ -36,7 +37,8 @@ class MemoryOptions:
     activation: Literal["silu", "gelu"] = "silu"
     differentiable: bool = True  # outer gradient through the writes; False = stop-grad writes
     grad_clip: float = 0.0  # > 0: each matrix's per-token inner gradient is rescaled to norm <= grad_clip
-    recompute_chunks: bool = False  # backward recomputes each chunk from its chunk-start state (saved alone)
+    recompute_chunks: int = 0  # > 0: save the state every this many chunks; backward recomputes them
+    write_backward: Literal["manual", "autograd"] = "manual"  # the dual-form writes' backward (ops/dual_form_grad.py)
 
 
 def _act(opts: MemoryOptions) -> Callable[[Tensor], Tensor]:
@@ -199,43 +201,78 @@ def sequential_scan(init: State, state: State, inputs: TokenInputs, doc_start: T
 
 # ----------------------------------------------------------------------------- chunk-parallel form
 
-def _errors(P: State, k: Tensor, v: Tensor, opts: MemoryOptions) -> dict[str, tuple[Tensor, Tensor]]:
-    """Inner-gradient factors at a fixed point P: {matrix: (key, error)} with gradient = error^T key."""
+def _errors(P: State, k: Tensor, v: Tensor, opts: MemoryOptions) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Inner-gradient factors at a fixed point P: {matrix: (key, error, P[matrix] applied to the key)} with
+    gradient = error^T key (the third is the DGD solve's term, computed here anyway)."""
     target = v
     if opts.self_target:
         target = apply_memory(P, v, opts)
     if opts.kind == "linear":
-        return _clipped({"W": (k, 2 * (apply_memory(P, k, opts) - target))}, opts)
+        kw = k @ P["W"].transpose(-1, -2)
+        return _clipped({"W": (k, 2 * (kw - target), kw)}, opts)
     a = k @ P["B"].transpose(-1, -2)  # (..., L, m)
     h = _act(opts)(a)
-    dA = 2 * (k + h @ P["A"].transpose(-1, -2) - target)  # error at the output layer, (..., L, w)
+    ha = h @ P["A"].transpose(-1, -2)
+    dA = 2 * (k + ha - target)  # error at the output layer, (..., L, w)
     dB = _act_grad(a, opts) * (dA @ P["A"])  # backprop through A and sigma, (..., L, m)
-    return _clipped({"A": (h, dA), "B": (k, dB)}, opts)
+    return _clipped({"A": (h, dA, ha), "B": (k, dB, a)}, opts)
 
 
-def _clipped(factors: dict[str, tuple[Tensor, Tensor]], opts: MemoryOptions) -> dict[str, tuple[Tensor, Tensor]]:
+def _clipped(factors: dict[str, tuple[Tensor, Tensor, Tensor]], opts: MemoryOptions
+             ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Per-token gradient clipping on the factors: ||e k^T||_F = ||e|| ||k||."""
     if opts.grad_clip <= 0:
         return factors
-    return {n: (key, err * clip_factor(err.norm(dim=-1) * key.norm(dim=-1), opts)[..., None])
-            for n, (key, err) in factors.items()}
+    return {n: (key, err * clip_factor(err.norm(dim=-1) * key.norm(dim=-1), opts)[..., None], kw)
+            for n, (key, err, kw) in factors.items()}
 
 
-def chunk_update(state: State, gates: ChunkGates, k: Tensor, v: Tensor, q: Tensor | None, opts: MemoryOptions,
+def chunk_update(state: State, coef: ChunkCoefficients, k: Tensor, v: Tensor, q: Tensor | None, opts: MemoryOptions,
                  read_memory: int | None = None, last: Tensor | None = None) -> tuple[State, Tensor | None]:
     """One chunk in dual form (no document starts inside it): errors at the chunk-start state, then a
     triangular solve and masked matmuls. With `read_memory`, the states carry a memory dim at -3 and only that
     memory is read; with `last` (the gates' leading dims), the new state is the one after that token."""
-    coef = ChunkCoefficients.build(gates)
     if not opts.differentiable:
         coef = coef.detached()
-    writes: dict[str, MatrixWrite] = {}
-    new: State = {}
-    for n, (key, err) in _errors({n: state[n] for n in matrix_names(opts)}, k, v, opts).items():
+    factors = _errors({n: state[n] for n in matrix_names(opts)}, k, v, opts)
+    if opts.write_backward == "autograd":
+        return _chunk_writes_autograd(state, coef, factors, q, opts, read_memory, last)
+    new: State = dict.fromkeys(state)  # the state's key order
+
+    def write(n: str, Z: Tensor | None) -> Tensor | None:
+        key, err, kw = factors[n]
         if not opts.differentiable:
             key, err = key.detach(), err.detach()
-        dgd = opts.dgd == "each" or (opts.dgd == "first" and n in ("W", "B"))
-        writes[n] = MatrixWrite.solve(coef, state[n], state.get("S_" + n), key, err, dgd, opts.differentiable)
+        new[n], s, out = dual_form_write(coef, state[n], state.get("S_" + n), key, err, kw, _has_dgd(n, opts),
+                                         opts.differentiable, last, Z, opts.readout, read_memory)
+        if s is not None:
+            new["S_" + n] = s
+        return out
+
+    if opts.kind == "linear":
+        return new, write("W", q)
+    h = write("B", q)
+    out = write("A", None if q is None else _act(opts)(h))
+    return new, None if q is None else q + out
+
+
+def _has_dgd(name: str, opts: MemoryOptions) -> bool:
+    """Whether the DGD factor multiplies matrix `name` (W and B: key k; A with dgd = "each": key sigma(B k))."""
+    return opts.dgd == "each" or (opts.dgd == "first" and name in ("W", "B"))
+
+
+def _chunk_writes_autograd(state: State, coef: ChunkCoefficients, factors: dict[str, tuple[Tensor, Tensor, Tensor]],
+                           q: Tensor | None, opts: MemoryOptions, read_memory: int | None, last: Tensor | None
+                           ) -> tuple[State, Tensor | None]:
+    """chunk_update's writes as plain tensor ops, differentiated by autograd (the reference for the hand-written
+    backward)."""
+    writes: dict[str, MatrixWrite] = {}
+    new: State = {}
+    for n, (key, err, kw) in factors.items():
+        if not opts.differentiable:
+            key, err = key.detach(), err.detach()
+        writes[n] = MatrixWrite.solve(coef, state[n], state.get("S_" + n), key, err, _has_dgd(n, opts),
+                                      opts.differentiable, kw)
         new[n], s = writes[n].final(last)
         if s is not None:
             new["S_" + n] = s
@@ -249,13 +286,45 @@ def chunk_update(state: State, gates: ChunkGates, k: Tensor, v: Tensor, q: Tenso
     return new, q + writes["A"].read(hq, opts.readout)
 
 
-def run_chunk(step: Callable, opts: MemoryOptions, *args):
-    """step(*args), or with opts.recompute_chunks under activation checkpointing: the forward keeps only the
-    chunk's inputs (the chunk-start state and views of the inputs), so the inner loop's saved activations are
-    O(T/C x state) instead of O(T x intermediates); the backward recomputes the chunk, in reverse chunk order."""
-    if not opts.recompute_chunks or not torch.is_grad_enabled():
-        return step(*args)
-    return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+def scan_chunks(step: Callable[[State, int], tuple[State, Tensor | None]], state: State, starts: range,
+                opts: MemoryOptions) -> tuple[State, Tensor | None]:
+    """state, out_c = step(state, start_c) over the chunks, outputs concatenated along time. With
+    opts.recompute_chunks = n > 0, every n chunks run under activation checkpointing: the forward keeps only the
+    state at the start of each group (and views of the inputs), so the inner loop's saved activations are
+    O(T/(nC) x state) instead of O(T x intermediates); the backward recomputes a group at a time, last first."""
+    def run(state: State, group: range) -> tuple[State, Tensor | None]:
+        outs = []
+        for s in group:
+            state, out = step(state, s)
+            outs.append(out)
+        return state, None if outs[0] is None else torch.cat(outs, dim=-2)
+
+    n = opts.recompute_chunks
+    if n <= 0 or not torch.is_grad_enabled():
+        return run(state, starts)
+    outs = []
+    for i in range(0, len(starts), n):
+        state, out = torch.utils.checkpoint.checkpoint(run, state, starts[i:i + n], use_reentrant=False)
+        outs.append(out)
+    return state, None if outs[0] is None else torch.cat(outs, dim=-2)
+
+
+def chunk_coefficients(eta: Tensor, log_alpha: Tensor, log_beta: Tensor | None, chunk_size: int,
+                       opts: MemoryOptions) -> list[ChunkCoefficients]:
+    """The coefficients of every chunk at once, for gates that do not depend on the state (Titans): the full
+    chunks in one batch, a shorter last chunk on its own."""
+    n, tail = divmod(eta.shape[-1], chunk_size)
+
+    def build(sl: slice, shape: tuple[int, ...]) -> ChunkCoefficients:
+        def cut(t: Tensor) -> Tensor:
+            return t[..., sl].unflatten(-1, shape)
+        return ChunkCoefficients.build(ChunkGates(cut(eta), cut(log_alpha), cut(log_beta) if opts.momentum else None,
+                                                  opts.momentum_form))
+
+    coefs = build(slice(0, n * chunk_size), (n, chunk_size)).unbind_chunks() if n else []
+    if tail:
+        coefs += build(slice(n * chunk_size, None), (1, tail)).unbind_chunks()
+    return coefs
 
 
 def restart_documents(state: State, init: State, reset: Tensor) -> State:
@@ -318,19 +387,19 @@ def _memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tenso
         eta, log_alpha = layout.scatter(eta, -1), layout.scatter(log_alpha, -1)
         log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
         doc_start = layout.doc_start
-    outs = []
-    for s in range(0, k.shape[-2], chunk_size):
+    coefs = chunk_coefficients(eta, log_alpha, log_beta, chunk_size, opts)
+
+    def step(state: State, s: int) -> tuple[State, Tensor | None]:
         sl = slice(s, s + chunk_size)
         if doc_start is not None:
             state = restart_documents(state, init, doc_start[..., s])
-        gates = ChunkGates(eta[..., sl], log_alpha[..., sl], log_beta[..., sl] if opts.momentum else None,
-                           opts.momentum_form)
-        last = layout.last_in_chunk(s, gates.eta.shape[-1]) if layout is not None else None
-        new, out = run_chunk(chunk_update, opts, state, gates, k[..., sl, :], v[..., sl, :],
-                             q[..., sl, :] if q is not None else None, opts, None, last)
-        state = new if layout is None else keep_finished_rows(layout.row_active(s), new, state)
-        outs.append(out)
-    if q is None:
+        coef = coefs[s // chunk_size]
+        last = layout.last_in_chunk(s, coef.g.shape[-1]) if layout is not None else None
+        new, out = chunk_update(state, coef, k[..., sl, :], v[..., sl, :], q[..., sl, :] if q is not None else None,
+                                opts, last=last)
+        return (new if layout is None else keep_finished_rows(layout.row_active(s), new, state)), out
+
+    state, out = scan_chunks(step, state, range(0, k.shape[-2], chunk_size), opts)
+    if out is None:
         return None, state
-    out = torch.cat(outs, dim=-2)
     return (layout.gather(out, -2) if layout is not None else out).to(dtype), state

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_hope.ops.chunk_algebra import ChunkGates
+from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates
 from megatron_hope.ops.memory import (MemoryOptions, State, apply_memory, chunk_update, initial_state,
-                                      keep_finished_rows, restart_documents, run_chunk, sequential_scan,
+                                      keep_finished_rows, restart_documents, scan_chunks, sequential_scan,
                                       state_dtype)
 from megatron_hope.ops.packing import DocumentLayout
 
@@ -37,13 +37,12 @@ def _generated(gen: Tensor, q: Tensor | None, readouts: GateReadouts) -> tuple[T
     """Keys, values, learning rates, log-retentions and queries from the generators' outputs gen (B, H, G, L, w)
     (q: static queries (B, H, L, w), or None to take M_q's output)."""
     sd = gen.dtype
-    k = F.normalize(gen[:, :, 0], dim=-1)
-    v = gen[:, :, 1]
+    gen_k, v, gen_eta, gen_alpha, *gen_q = gen.unbind(2)
     eta = readouts.eta_max * torch.sigmoid(
-        torch.einsum("bhlw,hw->bhl", gen[:, :, 2], readouts.eta_weight.to(sd)) + readouts.eta_bias.to(sd)[:, None])
+        (gen_eta * readouts.eta_weight.to(sd)[:, None]).sum(-1) + readouts.eta_bias.to(sd)[:, None])
     log_alpha = F.logsigmoid(
-        torch.einsum("bhlw,hw->bhl", gen[:, :, 3], readouts.alpha_weight.to(sd)) + readouts.alpha_bias.to(sd)[:, None])
-    return k, v, eta, log_alpha, F.normalize(gen[:, :, 4] if q is None else q, dim=-1)
+        (gen_alpha * readouts.alpha_weight.to(sd)[:, None]).sum(-1) + readouts.alpha_bias.to(sd)[:, None])
+    return F.normalize(gen_k, dim=-1), v, eta, log_alpha, F.normalize(gen_q[0] if q is None else q, dim=-1)
 
 
 def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, gen_init: State,
@@ -106,31 +105,26 @@ def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None,
         log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
         doc_start = layout.doc_start
 
-    def chunk(state: State, x: Tensor, q: Tensor | None, log_beta: Tensor | None, real: Tensor | None,
-              last: Tensor | None) -> tuple[State, Tensor]:
-        # the generators are read at the chunk-start state (reading A): nothing in a chunk waits for its tokens
-        gen = apply_memory({n: w[:, :, :G] for n, w in state.items() if n in init}, x, opts)
-        k, v, eta, log_alpha, q = _generated(gen, q, readouts)
-        if real is not None:  # pads: zero generator inputs give zero keys; learning rate 0 and unit decays here
-            eta, log_alpha = eta * real, log_alpha * real
-        gates = ChunkGates(eta[:, :, None], log_alpha[:, :, None],
-                           log_beta[:, :, None] if opts.momentum else None, opts.momentum_form)
-        # keys and values are shared by every memory of the head; only the main memory is read
-        return chunk_update(state, gates, k[:, :, None], v[:, :, None], q[:, :, None], opts, read_memory=-1, last=last)
-
-    outs = []
-    for s in range(0, gen_inputs.shape[-2], chunk_size):
+    def step(state: State, s: int) -> tuple[State, Tensor]:
         sl = slice(s, s + chunk_size)
         if doc_start is not None:
             state = restart_documents(state, init, doc_start[:, s, None, None])
         x = gen_inputs[..., sl, :]
-        real = last = None
-        if layout is not None:
+        # the generators are read at the chunk-start state (reading A): nothing in a chunk waits for its tokens
+        gen = apply_memory({n: w[:, :, :G] for n, w in state.items() if n in init}, x, opts)
+        k, v, eta, log_alpha, q_chunk = _generated(gen, q[..., sl, :] if q is not None else None, readouts)
+        last = None
+        if layout is not None:  # pads: zero generator inputs give zero keys; learning rate 0 and unit decays here
             real = layout.keep[:, None, sl]
+            eta, log_alpha = eta * real, log_alpha * real
             last = layout.last_in_chunk(s, x.shape[-2])[:, None, None].expand(x.shape[0], x.shape[1], 1)
-        new, out = run_chunk(chunk, opts, state, x, q[..., sl, :] if q is not None else None,
-                             log_beta[..., sl] if log_beta is not None else None, real, last)
-        state = new if layout is None else keep_finished_rows(layout.row_active(s), new, state)
-        outs.append(out[:, :, 0])
-    out = torch.cat(outs, dim=-2)
+        coef = ChunkCoefficients.build(ChunkGates(eta[:, :, None], log_alpha[:, :, None],
+                                                  log_beta[:, :, None, sl] if opts.momentum else None,
+                                                  opts.momentum_form))
+        # keys and values are shared by every memory of the head; only the main memory is read
+        new, out = chunk_update(state, coef, k[:, :, None], v[:, :, None], q_chunk[:, :, None], opts, read_memory=-1,
+                                last=last)
+        return (new if layout is None else keep_finished_rows(layout.row_active(s), new, state)), out[:, :, 0]
+
+    state, out = scan_chunks(step, state, range(0, gen_inputs.shape[-2], chunk_size), opts)
     return (layout.gather(out, -2) if layout is not None else out), state

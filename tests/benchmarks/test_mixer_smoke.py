@@ -14,10 +14,16 @@ def test_op_counter_counts_every_op():
     assert counter.counts == {"ones.default": 1, "add.Tensor": 1, "mul.Tensor": 1}
 
 
-def test_saved_bytes_counts_a_storage_once_and_leaves_the_input_out():
+def test_retained_bytes_counts_what_backward_keeps():
     x = torch.randn(2, 3, requires_grad=True)
-    assert mixer.saved_bytes(nn.Sigmoid(), x) == 2 * 3 * 4  # sigmoid saves its fp32 output
-    assert mixer.saved_bytes(nn.Identity(), x) == 0
+
+    class ExpSin(nn.Module):
+        def forward(self, x):
+            return x.exp().sin()  # sin keeps its input, exp's fp32 output; exp keeps the output sin consumed
+
+    assert mixer.retained_bytes(ExpSin(), x) == 2 * 3 * 4
+    assert mixer.retained_bytes(nn.Sigmoid(), x) == 0  # sigmoid keeps its output, which is not counted
+    assert mixer.retained_bytes(nn.Identity(), x) == 0
 
 
 def test_mixer_smoke(capsys):
@@ -26,7 +32,7 @@ def test_mixer_smoke(capsys):
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["compiled"] == "false"
     numbers = [f"{key}_ops_per_chunk_t{T}" for key in ("mixer", "titans_mixer") for T in (16, 32)]
-    numbers += [f"{name}_{what}" for name in mixer.LAYERS for what in ("saved_bytes_per_token", "fwd_bwd_tokens_per_s")]
+    numbers += [f"{name}_{what}" for name in mixer.LAYERS for what in ("retained_bytes_per_token", "fwd_bwd_tokens_per_s")]
     numbers += ["hope_vs_transformerpp_activation_ratio", "hope_vs_transformerpp_mixer_tokens_per_s_ratio"]
     for key in numbers:
         assert float(lines[key]) > 0, key

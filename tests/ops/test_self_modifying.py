@@ -92,15 +92,16 @@ def test_packed_document_computes_what_it_computes_alone(name, kind, impl):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient {i} at offset {offset}")
 
 
-@pytest.mark.parametrize("name,kind,differentiable", [("smt", "mlp", True), ("smt", "linear", False),
-                                                     ("titans", "mlp", True)])
-def test_recompute_chunks_equals_saving_everything(name, kind, differentiable):
-    """model.memory.recompute_chunks saves only each chunk's inputs and recomputes the chunk in backward: the
-    outputs, final states and every gradient are those of the plain autograd path, bit for bit."""
+@pytest.mark.parametrize("name,kind,differentiable,group", [("smt", "mlp", True, 1), ("smt", "linear", False, 2),
+                                                           ("titans", "mlp", True, 3), ("titans", "linear", False, 1)])
+def test_recompute_chunks_equals_saving_everything(name, kind, differentiable, group):
+    """model.memory.recompute_chunks = n keeps the state every n chunks and recomputes them in backward: the
+    outputs, final states and every gradient are those of the plain autograd path, bit for bit (19 tokens in
+    chunks of 4: the last group is shorter and so is the last chunk; documents start inside chunks)."""
     x = torch.randn(2, 19, 24, dtype=torch.float64, requires_grad=True)
     ds = _doc_start(2, 19, [(0, 6), (1, 9), (1, 13)])
     results = []
-    for recompute in (False, True):
+    for recompute in (0, group):
         m = _mixer(name, kind=kind, chunk_size=4, differentiable_writes=differentiable, recompute_chunks=recompute)
         y, state = m(x, ds)
         loss = (y * torch.linspace(-1, 1, 24, dtype=torch.float64)).sum() + sum(s.square().sum() for s in state.memory.values())

@@ -76,7 +76,7 @@ def test_the_base_config_is_valid(config):
      r"parallel\.virtual_pipeline_model_parallel_size > 1 \(interleaved 1F1B\) runs the micro-batches in 5 // "
      r"parallel\.pipeline_model_parallel_size = 2 equal rounds"),
     (["--model.vocab_size=300"], r"model\.vocab_size = 300 is smaller than the tokenizer's vocabulary \(320"),
-    (["--model.cms.inner_updates=true"], r"model\.cms\.inner_updates = true is not trainable yet"),
+    (["--model.cms.inner_updates=true"], r"model\.cms\.inner_updates = true is not wired into the trainer yet"),
     (["--train.device=tpu"], r"train\.device = 'tpu' is not allowed"),
     (["--optim.lr=inf"], r"optim\.lr must be a finite number, got inf"),
     (["--optim.lr=nan"], r"optim\.lr must be a finite number, got nan"),
