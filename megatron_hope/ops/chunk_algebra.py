@@ -126,23 +126,26 @@ class MatrixWrite:
     K: Tensor  # keys (..., L, d_in)
     E: Tensor  # errors (..., L, d_out)
     X: Tensor | None  # W_{t-1} kappa_t (..., L, d_out) when the DGD factor applies
+    KK: Tensor | None = None  # kappa_t . kappa_s and S_c kappa_t, kept from the solve for a backward
+    KS: Tensor | None = None
 
     @staticmethod
     def solve(coef: ChunkCoefficients, W_c: Tensor, S_c: Tensor | None, K: Tensor, E: Tensor, dgd: bool,
               differentiable: bool = True, KW: Tensor | None = None) -> "MatrixWrite":
         """KW: W_c applied to the keys, when the caller has it (the inner-gradient step computes it)."""
-        X = None
+        X = KK = KS = None
         if dgd:
             KK = K @ K.transpose(-1, -2)  # (..., L, L): kappa_t . kappa_s
             R = coef.gp[..., None] * (_bmv(W_c, K) if KW is None else KW)
             if S_c is not None:
-                R = R + coef.sigma * coef.cp[..., None] * _bmv(S_c, K)
+                KS = _bmv(S_c, K)
+                R = R + coef.sigma * coef.cp[..., None] * KS
             R = R - (KK * coef.Dmp) @ E
             Tm = KK * coef.Gp * coef.eta[..., None, :]  # strictly lower: Gp is zero on and above the diagonal
             X = torch.linalg.solve_triangular(Tm, R, upper=False, unitriangular=True)
             if not differentiable:
                 X = X.detach()
-        return MatrixWrite(coef, W_c, S_c, K, E, X)
+        return MatrixWrite(coef, W_c, S_c, K, E, X, KK, KS)
 
     def select_memory(self, index: int) -> "MatrixWrite":
         """The writes of one memory of a stack (memory dim at -3 of states, keys and errors; the shared
@@ -153,19 +156,25 @@ class MatrixWrite:
 
     def read(self, Z: Tensor, readout: str) -> Tensor:
         """W_t z_t for each token (after_write), W_{t-1} z_t (before_write) or W_c z_t (chunk_start)."""
+        return self.read_with_products(Z, readout)[0]
+
+    def read_with_products(self, Z: Tensor, readout: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The read-outs and the products they are formed from: W_c z_t, z_t . kappa_r and S_c z_t."""
         c = self.coef
         start = _bmv(self.W_c, Z)
         if readout == "chunk_start":
-            return start
+            return start, start, None, None
         after = readout == "after_write"
         g, G, Dm, cS = (c.g, c.G, c.Dm, c.c) if after else (c.gp, c.Gp, c.Dmp, c.cp)
         ZK = Z @ self.K.transpose(-1, -2)  # (..., L, L): z_t . kappa_r
         out = g[..., None] * start - (ZK * Dm) @ self.E
+        ZS = None
         if self.S_c is not None:
-            out = out + c.sigma * cS[..., None] * _bmv(self.S_c, Z)
+            ZS = _bmv(self.S_c, Z)
+            out = out + c.sigma * cS[..., None] * ZS
         if self.X is not None:
             out = out - (ZK * G * c.eta[..., None, :]) @ self.X
-        return out
+        return out, start, ZK, ZS
 
     def final(self, last: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """State (and momentum) after the chunk's last token, or after token `last` (the coefficients' leading

@@ -89,18 +89,20 @@ class _DualFormWrite(torch.autograd.Function):
         coef = ChunkCoefficients(g, gp, G, Gp, Dm, Dmp, c, cp, sigma, mom_c, mom_rows, eta)
         write = MatrixWrite.solve(coef, W_c, S_c, K, E, dgd, KW=KW)
         W, S = write.final(last)
-        out = None
+        out = start = ZK = ZS = None
         if Z is not None:
-            out = (write.select_memory(read_memory) if read_memory is not None else write).read(Z, readout)
+            picked = write.select_memory(read_memory) if read_memory is not None else write
+            out, start, ZK, ZS = picked.read_with_products(Z, readout)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(W_c, S_c, K, E, KW, Z, write.X, g, gp, G, Gp, Dm, Dmp, c, cp, eta, mom_c, mom_rows,
-                              last)
+                              last, write.KK, write.KS, start, ZK, ZS)
         ctx.meta = meta
         return W, S, out
 
     @staticmethod
     def backward(ctx, dW, dS, dOut):
-        W_c, S_c, K, E, KW, Z, X, g, gp, G, Gp, Dm, Dmp, c, cp, eta, mom_c, mom_rows, last = ctx.saved_tensors
+        (W_c, S_c, K, E, KW, Z, X, g, gp, G, Gp, Dm, Dmp, c, cp, eta, mom_c, mom_rows, last,
+         KK, KS, start, ZK, ZS) = ctx.saved_tensors
         sigma, dgd, differentiable, readout, read_memory = ctx.meta
         saved = dict(zip(_INPUTS, (W_c, S_c, K, E, KW, Z, g, gp, G, Gp, Dm, Dmp, c, cp, eta, mom_c, mom_rows)))
         grads: dict[str, list[Tensor]] = defaultdict(list)
@@ -113,15 +115,14 @@ class _DualFormWrite(torch.autograd.Function):
             if readout != "chunk_start":
                 names = ("g", "G", "Dm", "c") if readout == "after_write" else ("gp", "Gp", "Dmp", "cp")
                 gg, GG, DD, cc = (saved[n] for n in names)
-                grads[names[0]].append((dOut * (Z @ _T(Wc_s))).sum(-1))
+                grads[names[0]].append((dOut * start).sum(-1))
                 d_start = gg[..., None] * dOut
-                ZK = Z @ _T(K_s)
                 d_ZK = -(dOut @ _T(E_s))
                 grads[names[2]].append(d_ZK * ZK)
                 grads["E"].append(_unpick(-(_T(ZK * DD) @ dOut), E, read_memory))
                 d_ZK = d_ZK * DD
                 if Sc_s is not None:
-                    grads[names[3]].append(sigma * (dOut * (Z @ _T(Sc_s))).sum(-1))
+                    grads[names[3]].append(sigma * (dOut * ZS).sum(-1))
                     d_ZS = sigma * cc[..., None] * dOut
                     grads["Z"].append(d_ZS @ Sc_s)
                     grads["S_c"].append(_unpick(_T(d_ZS) @ Z, S_c, read_memory))
@@ -169,7 +170,6 @@ class _DualFormWrite(torch.autograd.Function):
             grads["K"].append(d_Q * M_r)
 
         if dX and differentiable:  # the DGD solve (stop-grad writes detach X)
-            KK = K @ _T(K)
             d_X = _total(dX, X)
             d_R = torch.linalg.solve_triangular(_T(KK * Gp * col_eta), d_X, upper=True, unitriangular=True)
             d_Tm = -(d_R @ _T(X)).tril(-1)
@@ -185,7 +185,7 @@ class _DualFormWrite(torch.autograd.Function):
                 grads["K"].append(d_KW @ W_c)
                 grads["W_c"].append(_T(d_KW) @ K)
             if S_c is not None:
-                grads["cp"].append(sigma * (d_R * (K @ _T(S_c))).sum(-1))
+                grads["cp"].append(sigma * (d_R * KS).sum(-1))
                 d_KS = sigma * cp[..., None] * d_R
                 grads["K"].append(d_KS @ S_c)
                 grads["S_c"].append(_T(d_KS) @ K)
