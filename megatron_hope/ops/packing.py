@@ -5,14 +5,23 @@ chunk-start state) restarts at every document start, so a document computes the 
 and the same as alone (packing invariance; varlen kernels do the same with cu_seqlens). The chunk-parallel
 scans get this by moving every document to start at a multiple of the chunk size: the gap after the previous
 document holds pads, where the scans write nothing (zero key and learning rate, unit decays) and whose
-outputs are dropped. Rows shorter than the longest laid-out row end in pads.
+outputs are dropped. Every row ends in pads: the laid-out length is rounded up to T + chunk_size * 2^k.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@torch.compiler.disable  # a host sync; compiled code then sees (and guards on) the rounded length only
+def _laid_out_length(last_index: Tensor, T: int, chunk_size: int) -> int:
+    """T when no row needs pads, else T + chunk_size * 2^k covering the longest laid-out row: few values, so a
+    compiled model meets few shapes."""
+    extra = int(last_index.max()) - (T - 1)
+    return T if extra == 0 else T + chunk_size * 2 ** math.ceil(math.log2(math.ceil(extra / chunk_size)))
 
 
 @dataclass
@@ -36,10 +45,9 @@ class DocumentLayout:
         prev_start = torch.cat([torch.zeros_like(seg_start[..., :1]), seg_start[..., :-1]], dim=-1)
         pad = torch.where(starts, (prev_start - pos) % chunk_size, torch.zeros_like(pos))
         index = pos + torch.cumsum(pad, dim=-1)
-        extra = int(index[..., -1].max()) - (T - 1)
-        if extra == 0:
+        length = _laid_out_length(index[..., -1], T, chunk_size)
+        if length == T:
             return None
-        length = T + extra
         keep = torch.zeros(*doc_start.shape[:-1], length, dtype=torch.bool, device=doc_start.device)
         keep.scatter_(-1, index, True)
         laid_starts = torch.zeros_like(keep).scatter_(-1, index, doc_start)

@@ -54,3 +54,27 @@ def test_compiled_loss_and_grads_match_eager(tiny):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_documents_reuse_the_compiled_graphs(tiny):
+    """Documents starting inside chunks are laid out to a length of T + chunk * 2^k: another packing in the same
+    bucket runs on the graphs already compiled (dynamo only, backend "eager"), with the eager block's outputs."""
+    torch.manual_seed(0)
+    block = BLOCKS["hope"](tiny("hope", *SMALL))
+    compiled = BLOCKS["hope"](tiny("hope", *SMALL))
+    compiled.load_state_dict(block.state_dict())
+    compiled.compile(backend="eager")
+    torch._dynamo.reset()
+    x = torch.randn(B, T, 32)
+
+    def run(starts: list[int]) -> None:
+        doc_start = torch.zeros(B, T, dtype=torch.bool)
+        doc_start[:, 0] = True
+        doc_start[0, starts] = True
+        torch.testing.assert_close(compiled(x, doc_start)[0], block(x, doc_start)[0], rtol=1e-5, atol=1e-6)
+
+    run([5])  # 3 pads: the layout has T + 8 tokens
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run([2, 9])  # 6 + 1 pads: T + 8 again
+    run([13])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
