@@ -387,13 +387,16 @@ def _memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tenso
         eta, log_alpha = layout.scatter(eta, -1), layout.scatter(log_alpha, -1)
         log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
         doc_start = layout.doc_start
-    coefs = chunk_coefficients(eta, log_alpha, log_beta, chunk_size, opts)
+    # the gates do not depend on the state: every chunk's coefficients at once, unless chunks are recomputed in
+    # backward (then each chunk builds its own, so that they are not kept through the scan)
+    coefs = chunk_coefficients(eta, log_alpha, log_beta, chunk_size, opts) if opts.recompute_chunks <= 0 else None
 
     def step(state: State, s: int) -> tuple[State, Tensor | None]:
         sl = slice(s, s + chunk_size)
         if doc_start is not None:
             state = restart_documents(state, init, doc_start[..., s])
-        coef = coefs[s // chunk_size]
+        coef = coefs[s // chunk_size] if coefs is not None else ChunkCoefficients.build(ChunkGates(
+            eta[..., sl], log_alpha[..., sl], log_beta[..., sl] if opts.momentum else None, opts.momentum_form))
         last = layout.last_in_chunk(s, coef.g.shape[-1]) if layout is not None else None
         new, out = chunk_update(state, coef, k[..., sl, :], v[..., sl, :], q[..., sl, :] if q is not None else None,
                                 opts, last=last)
