@@ -4,10 +4,11 @@ attention at the same width and heads. Three measurements:
 - ops per chunk: aten ops dispatched by one layer's forward + backward, divided by the number of memory chunks
   (T / chunk), at each --seq-lens; plus the ten op names HOPE's mixer dispatches most (per chunk, at the longest
   T). Each op is a kernel launch on a GPU, so this is the launch count the mixer kernels work to bring down.
-- activation bytes per token at --act-seq-len (batch --act-batch): the bytes one layer's forward allocates and
-  still holds when it returns, less its output (the profiler's CPU memory events): saved tensors and, with
-  model.memory.recompute_chunks = n, the states kept every n chunks; with --device cuda also the peak of
-  torch.cuda.max_memory_allocated over one forward + backward, above what was allocated before.
+- activation bytes per token at --act-seq-len (batch --act-batch): what one layer's forward allocates and still
+  holds when it returns, less its output (the profiler's memory events: saved tensors and, with
+  model.memory.recompute_chunks = n, the states kept every n chunks); and the peak of one forward + backward
+  above the memory before it (torch.cuda's peak statistic on a GPU, the profiler's per-op allocations in time
+  order on a CPU).
 - forward + backward tokens/s of the three layers at the longest --seq-lens, the layers taking turns; --compile
   compiles each layer (layer.compile()) for this timing only, during the two warm-up rounds (a cold compile can
   take minutes on a CPU). The op counts and activation bytes are always of the eager layers.
@@ -90,16 +91,29 @@ def retained_bytes(layer: nn.Module, x: Tensor) -> int:
     return held - (out.untyped_storage().nbytes() if fresh_output else 0)
 
 
-def cuda_peak_bytes(layer: nn.Module, x: Tensor) -> int:
-    """Peak allocated CUDA memory of one forward + backward above what was allocated before it (after a warm-up
-    step, so that the parameters' gradients already exist)."""
+def peak_bytes(layer: nn.Module, x: Tensor) -> int:
+    """Peak memory of one forward + backward above what was allocated before it, after a warm-up step (so the
+    parameters' gradients already exist): torch.cuda's peak statistic on a GPU; on a CPU, the running sum of the
+    profiler's per-event memory changes in time order (an op's own transient peak left out)."""
     fwd_bwd(layer, x)
-    sync(x.device)
-    torch.cuda.reset_peak_memory_stats(x.device)
-    base = torch.cuda.memory_allocated(x.device)
-    fwd_bwd(layer, x)
-    sync(x.device)
-    return torch.cuda.max_memory_allocated(x.device) - base
+    if x.device.type == "cuda":
+        sync(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        base = torch.cuda.memory_allocated(x.device)
+        fwd_bwd(layer, x)
+        sync(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fwd_bwd(layer, x)
+    # an op's own allocations count from its start; what an enclosing event frees (the autograd engine dropping
+    # a node's buffers) counts at its end
+    changes = sorted((e.time_range.end if e.cpu_children else e.time_range.start, e.self_cpu_memory_usage)
+                     for e in prof.events() if e.self_cpu_memory_usage)
+    running = peak = 0
+    for _, change in changes:
+        running += change
+        peak = max(peak, running)
+    return peak
 
 
 def report_op_counts(args: argparse.Namespace, device: torch.device) -> None:
@@ -122,17 +136,19 @@ def report_activations(args: argparse.Namespace, device: torch.device) -> None:
     for name in LAYERS:
         layer = make_layer(name, args.d_model, args.heads, args.chunk, T, device)
         held[name] = retained_bytes(layer, x) / (B * T)
+        peak[name] = peak_bytes(layer, x) / (B * T)
         emit(f"{name}_retained_bytes_per_token", round(held[name]))
-        if device.type == "cuda":
-            peak[name] = cuda_peak_bytes(layer, x) / (B * T)
-            emit(f"{name}_cuda_peak_bytes_per_token", round(peak[name]))
+        emit(f"{name}_peak_bytes_per_token", round(peak[name]))
     emit("hope_vs_transformerpp_activation_ratio", held["hope_mixer"] / held["transformerpp_attention"])
+    emit("hope_vs_transformerpp_peak_ratio", peak["hope_mixer"] / peak["transformerpp_attention"])
     # model.memory.recompute_chunks = n: the forward keeps the state every n chunks and views of its inputs
     for n in (1, 2, 4):
         layer = make_layer("hope_mixer", args.d_model, args.heads, args.chunk, T, device, recompute_chunks=n)
-        recomputed = retained_bytes(layer, x) / (B * T)
+        recomputed, recomputed_peak = retained_bytes(layer, x) / (B * T), peak_bytes(layer, x) / (B * T)
         emit(f"hope_mixer_recompute_chunks_{n}_retained_bytes_per_token", round(recomputed))
+        emit(f"hope_mixer_recompute_chunks_{n}_peak_bytes_per_token", round(recomputed_peak))
         emit(f"hope_recompute_chunks_{n}_vs_transformerpp_activation_ratio", recomputed / held["transformerpp_attention"])
+        emit(f"hope_recompute_chunks_{n}_vs_transformerpp_peak_ratio", recomputed_peak / peak["transformerpp_attention"])
 
 
 def report_throughput(args: argparse.Namespace, device: torch.device) -> None:

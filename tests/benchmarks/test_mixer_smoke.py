@@ -32,8 +32,8 @@ def test_mixer_smoke(capsys):
     lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["compiled"] == "false"
     numbers = [f"{key}_ops_per_chunk_t{T}" for key in ("mixer", "titans_mixer") for T in (16, 32)]
-    numbers += [f"{name}_{what}" for name in mixer.LAYERS for what in ("retained_bytes_per_token", "fwd_bwd_tokens_per_s")]
-    numbers += ["hope_vs_transformerpp_activation_ratio", "hope_vs_transformerpp_mixer_tokens_per_s_ratio"]
+    numbers += [f"{name}_{what}" for name in mixer.LAYERS for what in ("retained_bytes_per_token", "peak_bytes_per_token", "fwd_bwd_tokens_per_s")]
+    numbers += ["hope_vs_transformerpp_activation_ratio", "hope_vs_transformerpp_peak_ratio", "hope_vs_transformerpp_mixer_tokens_per_s_ratio"]
     for key in numbers:
         assert float(lines[key]) > 0, key
     top = dict(item.split("=") for item in lines["hope_top_ops"].split(", "))
