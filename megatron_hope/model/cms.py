@@ -87,7 +87,8 @@ class CMSFastWeights:
         self.weights = {key: self._fresh(key) for key in self.init}
         self.grad_sum = {key: tree_map(torch.zeros_like, ws) for key, ws in self.weights.items()}
         self.reads: dict[tuple[int, int], FastWeights] = {}
-        self.since_start = torch.zeros(batch, dtype=torch.long)  # tokens since each sequence's document start
+        device = next(blocks.parameters()).device
+        self.since_start = torch.zeros(batch, dtype=torch.long, device=device)  # tokens since each document start
 
     def _fresh(self, key: tuple[int, int]) -> FastWeights:
         return {n: p.expand(self.batch, *p.shape) for n, p in self.init[key].items()}
@@ -95,7 +96,7 @@ class CMSFastWeights:
     def restart(self, mask: torch.Tensor) -> None:
         """Sequences where `mask` (B,) holds start a document: meta-learned weights again, no pending gradient."""
         m = mask.view(-1, 1, 1)
-        self.since_start = torch.where(mask.cpu(), 0, self.since_start)
+        self.since_start = torch.where(mask, 0, self.since_start)
         for key in self.weights:
             self.weights[key] = {n: torch.where(m, w0, self.weights[key][n]) for n, w0 in self._fresh(key).items()}
             self.grad_sum[key] = {n: torch.where(m, 0.0, g) for n, g in self.grad_sum[key].items()}
@@ -114,10 +115,7 @@ class CMSFastWeights:
         for (key, n), g in zip(flat, grads):
             self.grad_sum[key][n] = self.grad_sum[key][n] + g
         self.since_start = self.since_start + chunk_len
-        for key, ws in self.weights.items():
-            due = self.since_start % self.period[key[1]] == 0
-            if not due.any():
-                continue
-            step = due.to(next(iter(ws.values())).device).view(-1, 1, 1)
+        for key, ws in self.weights.items():  # per sequence, without a host sync
+            step = (self.since_start % self.period[key[1]] == 0).view(-1, 1, 1)
             self.weights[key] = {n: torch.where(step, w - self.lr * self.grad_sum[key][n], w) for n, w in ws.items()}
             self.grad_sum[key] = {n: torch.where(step, 0.0, g) for n, g in self.grad_sum[key].items()}

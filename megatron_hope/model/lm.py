@@ -104,7 +104,8 @@ class HopeLM(nn.Module):
         (ops/packing.py), so a packed document computes what it computes alone.
         """
         C = self.cfg.cms.inner_chunk
-        layout = DocumentLayout.build(doc_start, C) if doc_start is not None else None
+        # not rounded: a trailing chunk of pads would cost a whole-model step (this loop is not compiled)
+        layout = DocumentLayout.build(doc_start, C, rounded=False) if doc_start is not None else None
         if layout is not None:  # every document starts a CMS chunk; the pads before it are not predicted
             tokens, targets = layout.scatter(tokens, -1, 0), layout.scatter(targets, -1, IGNORE_INDEX)
             doc_start = layout.doc_start

@@ -191,6 +191,18 @@ class MatrixWrite:
         return W, S
 
 
+def write_matrix(coef: ChunkCoefficients, W_c: Tensor, S_c: Tensor | None, K: Tensor, E: Tensor, KW: Tensor | None,
+                 dgd: bool, differentiable: bool, last: Tensor | None, Z: Tensor | None, readout: str,
+                 read_memory: int | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One matrix's chunk: (state after the chunk or after token `last`, its momentum, read-outs of Z by memory
+    `read_memory` of a stack, None without Z), as plain tensor ops."""
+    write = MatrixWrite.solve(coef, W_c, S_c, K, E, dgd, differentiable, KW)
+    W, S = write.final(last)
+    if Z is None:
+        return W, S, None
+    return W, S, (write.select_memory(read_memory) if read_memory is not None else write).read(Z, readout)
+
+
 def at_token(x: Tensor, last: Tensor | None) -> Tensor:
     """Entry `last` of a per-token coefficient (..., L) -> (...); the last one if None."""
     return x[..., -1] if last is None else x.gather(-1, last[..., None])[..., 0]

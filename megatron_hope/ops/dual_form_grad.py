@@ -30,7 +30,7 @@ _INPUTS = ("W_c", "S_c", "K", "E", "KW", "Z", "g", "gp", "G", "Gp", "Dm", "Dmp",
 def dual_form_write(coef: ChunkCoefficients, W_c: Tensor, S_c: Tensor | None, K: Tensor, E: Tensor,
                     KW: Tensor | None, dgd: bool, differentiable: bool, last: Tensor | None, Z: Tensor | None,
                     readout: str, read_memory: int | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(state after the chunk, its momentum, read-outs of Z (None without Z)); arguments as MatrixWrite's."""
+    """chunk_algebra.write_matrix with the hand-written backward: the same arguments and results."""
     c = coef
     return _DualFormWrite.apply(W_c, S_c, K, E, KW, Z, c.g, c.gp, c.G, c.Gp, c.Dm, c.Dmp, c.c, c.cp, c.eta, c.mom_c,
                                 c.mom_rows, last, (c.sigma, dgd, differentiable, readout, read_memory))
@@ -103,7 +103,7 @@ class _DualFormWrite(torch.autograd.Function):
     def backward(ctx, dW, dS, dOut):
         (W_c, S_c, K, E, KW, Z, X, g, gp, G, Gp, Dm, Dmp, c, cp, eta, mom_c, mom_rows, last,
          KK, KS, start, ZK, ZS) = ctx.saved_tensors
-        sigma, dgd, differentiable, readout, read_memory = ctx.meta
+        sigma, _, differentiable, readout, read_memory = ctx.meta
         saved = dict(zip(_INPUTS, (W_c, S_c, K, E, KW, Z, g, gp, G, Gp, Dm, Dmp, c, cp, eta, mom_c, mom_rows)))
         grads: dict[str, list[Tensor]] = defaultdict(list)
         dX: list[Tensor] = []

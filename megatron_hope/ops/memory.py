@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates, MatrixWrite, MomentumForm
+from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates, MomentumForm, write_matrix
 from megatron_hope.ops.dual_form_grad import dual_form_write
 from megatron_hope.ops.packing import DocumentLayout
 
@@ -235,16 +235,16 @@ def chunk_update(state: State, coef: ChunkCoefficients, k: Tensor, v: Tensor, q:
     if not opts.differentiable:
         coef = coef.detached()
     factors = _errors({n: state[n] for n in matrix_names(opts)}, k, v, opts)
-    if opts.write_backward == "autograd":
-        return _chunk_writes_autograd(state, coef, factors, q, opts, read_memory, last)
+    # the hand-written backward, or autograd through the same math (the reference)
+    write_fn = dual_form_write if opts.write_backward == "manual" else write_matrix
     new: State = dict.fromkeys(state)  # the state's key order
 
     def write(n: str, Z: Tensor | None) -> Tensor | None:
         key, err, kw = factors[n]
         if not opts.differentiable:
             key, err = key.detach(), err.detach()
-        new[n], s, out = dual_form_write(coef, state[n], state.get("S_" + n), key, err, kw, _has_dgd(n, opts),
-                                         opts.differentiable, last, Z, opts.readout, read_memory)
+        new[n], s, out = write_fn(coef, state[n], state.get("S_" + n), key, err, kw, _has_dgd(n, opts),
+                                  opts.differentiable, last, Z, opts.readout, read_memory)
         if s is not None:
             new["S_" + n] = s
         return out
@@ -259,31 +259,6 @@ def chunk_update(state: State, coef: ChunkCoefficients, k: Tensor, v: Tensor, q:
 def _has_dgd(name: str, opts: MemoryOptions) -> bool:
     """Whether the DGD factor multiplies matrix `name` (W and B: key k; A with dgd = "each": key sigma(B k))."""
     return opts.dgd == "each" or (opts.dgd == "first" and name in ("W", "B"))
-
-
-def _chunk_writes_autograd(state: State, coef: ChunkCoefficients, factors: dict[str, tuple[Tensor, Tensor, Tensor]],
-                           q: Tensor | None, opts: MemoryOptions, read_memory: int | None, last: Tensor | None
-                           ) -> tuple[State, Tensor | None]:
-    """chunk_update's writes as plain tensor ops, differentiated by autograd (the reference for the hand-written
-    backward)."""
-    writes: dict[str, MatrixWrite] = {}
-    new: State = {}
-    for n, (key, err, kw) in factors.items():
-        if not opts.differentiable:
-            key, err = key.detach(), err.detach()
-        writes[n] = MatrixWrite.solve(coef, state[n], state.get("S_" + n), key, err, _has_dgd(n, opts),
-                                      opts.differentiable, kw)
-        new[n], s = writes[n].final(last)
-        if s is not None:
-            new["S_" + n] = s
-    if q is None:
-        return new, None
-    if read_memory is not None:
-        writes = {n: w.select_memory(read_memory) for n, w in writes.items()}
-    if opts.kind == "linear":
-        return new, writes["W"].read(q, opts.readout)
-    hq = _act(opts)(writes["B"].read(q, opts.readout))
-    return new, q + writes["A"].read(hq, opts.readout)
 
 
 def scan_chunks(step: Callable[[State, int], tuple[State, Tensor | None]], state: State, starts: range,

@@ -5,7 +5,8 @@ chunk-start state) restarts at every document start, so a document computes the 
 and the same as alone (packing invariance; varlen kernels do the same with cu_seqlens). The chunk-parallel
 scans get this by moving every document to start at a multiple of the chunk size: the gap after the previous
 document holds pads, where the scans write nothing (zero key and learning rate, unit decays) and whose
-outputs are dropped. Every row ends in pads: the laid-out length is rounded up to T + chunk_size * 2^k.
+outputs are dropped. Rows shorter than the laid-out length end in pads; the length is rounded up to
+T + chunk_size * 2^k unless the caller runs outside compiled code.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from torch import Tensor
 
 
 @torch.compiler.disable  # a host sync; compiled code then sees (and guards on) the rounded length only
-def _laid_out_length(last_index: Tensor, T: int, chunk_size: int) -> int:
-    """T when no row needs pads, else T + chunk_size * 2^k covering the longest laid-out row: few values, so a
-    compiled model meets few shapes."""
+def _laid_out_length(last_index: Tensor, T: int, chunk_size: int, rounded: bool) -> int:
+    """T when no row needs pads, else the longest laid-out row, or with `rounded` T + chunk_size * 2^k covering
+    it: few values, so a compiled model meets few shapes."""
     extra = int(last_index.max()) - (T - 1)
-    return T if extra == 0 else T + chunk_size * 2 ** math.ceil(math.log2(math.ceil(extra / chunk_size)))
+    if extra == 0 or not rounded:
+        return T + extra
+    return T + chunk_size * 2 ** math.ceil(math.log2(math.ceil(extra / chunk_size)))
 
 
 @dataclass
@@ -33,9 +36,10 @@ class DocumentLayout:
     row_end: Tensor  # (...) long: laid-out position after each row's last real token
 
     @staticmethod
-    def build(doc_start: Tensor, chunk_size: int) -> "DocumentLayout | None":
+    def build(doc_start: Tensor, chunk_size: int, rounded: bool = True) -> "DocumentLayout | None":
         """The layout of rows with document starts `doc_start` (..., T), or None when every document already
-        starts on the grid (one host sync)."""
+        starts on the grid (one host sync). rounded=False: no trailing pad chunks beyond the longest row (for
+        callers outside compiled code)."""
         T = doc_start.shape[-1]
         pos = torch.arange(T, device=doc_start.device)
         starts = doc_start.clone()
@@ -45,7 +49,7 @@ class DocumentLayout:
         prev_start = torch.cat([torch.zeros_like(seg_start[..., :1]), seg_start[..., :-1]], dim=-1)
         pad = torch.where(starts, (prev_start - pos) % chunk_size, torch.zeros_like(pos))
         index = pos + torch.cumsum(pad, dim=-1)
-        length = _laid_out_length(index[..., -1], T, chunk_size)
+        length = _laid_out_length(index[..., -1], T, chunk_size, rounded)
         if length == T:
             return None
         keep = torch.zeros(*doc_start.shape[:-1], length, dtype=torch.bool, device=doc_start.device)
