@@ -46,6 +46,7 @@ from megatron_hope.config import Config, load
 from megatron_hope.config_base import ConfigError, to_toml
 from megatron_hope.model.lm import HopeLM
 from megatron_hope.model.summary import count_parameters, training_flops_per_token
+from megatron_hope.model.titans import memory_options
 from megatron_hope.ops.memory import resolve_impl
 from megatron_hope.parallel import deepspeed_engine
 from megatron_hope.parallel.compile import apply_compile
@@ -152,7 +153,10 @@ def describe(run: Run, sharded: bool) -> list[str]:
         lines.append("model.compile: true (torch.compile per block, inductor; the first steps compile)")
     if cfg.model.arch != "transformerpp":
         m = cfg.model.memory
-        lines.append(f"memory inner loop: {resolve_impl(m.impl)} (model.memory.impl = {m.impl}), chunk {m.chunk_size}"
+        # only the Titans mixer's scan has a kernel; HOPE's self-modifying scan runs the PyTorch form
+        opts = memory_options(cfg.model, self_modifying=False) if cfg.model.arch == "titans" else None
+        lines.append(f"memory inner loop: {resolve_impl(m.impl, opts, run.device)} (model.memory.impl = {m.impl}), "
+                     f"chunk {m.chunk_size}"
                      f"{f', recomputed in backward {m.recompute_chunks} chunk(s) at a time' if m.recompute_chunks else ''}")
     periods = cms_periods(cfg)
     if periods:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +29,9 @@ class MemoryConfig:
     alpha_bias_init: float = 5.0  # alpha_t = sigmoid(. + bias): starts near 1 (little forgetting)
     activation: Literal["silu", "gelu"] = "silu"
     # how the inner loop runs, not what it computes: left out of comparisons, so a checkpoint resumes either way
-    # auto: the fastest for the device; sequential: the oracle; chunked: the earlier name of torch (saved configs)
-    impl: Literal["auto", "torch", "sequential", "chunked"] = field(default="auto", compare=False)
+    # auto: the fastest for the device; sequential: the oracle; chunked: the earlier name of torch (saved configs);
+    # triton: the fused kernels (ops/triton/: the Titans mixer's linear memory, on CUDA)
+    impl: Literal["auto", "torch", "sequential", "chunked", "triton"] = field(default="auto", compare=False)
     # > 0: keep the state every this many chunks for backward, which recomputes them (less activation memory)
     recompute_chunks: int = field(default=0, compare=False)
     # the chunk writes' backward: hand-written (ops/dual_form_grad.py) or autograd through the same math (reference)
@@ -126,6 +128,8 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{path}.{name} = {getattr(self, name)} must be > 0")
         self.memory.validate(f"{path}.memory")
+        if self.memory.impl == "triton":
+            self._validate_kernels(path)
         self.cms.validate(f"{path}.cms")
         if self.cms.inner_updates and self.arch != "hope":
             raise ConfigError(f"{path}.cms.inner_updates = true needs {path}.arch = 'hope' "
@@ -137,6 +141,19 @@ class ModelConfig:
                 raise ConfigError(f"{path}.cms.levels[{i}].inner_chunk = {lvl.inner_chunk} is not a multiple of "
                                   f"{path}.memory.chunk_size = {self.memory.chunk_size}; with {path}.cms.inner_updates "
                                   f"= true set it to a multiple of the memory chunk (or lower the memory chunk)")
+
+    def _validate_kernels(self, path: str) -> None:
+        """model.memory.impl = "triton" asks for a kernel that exists for this model and installation (the
+        kernels cover the Titans mixer's linear memory with differentiable writes: ops/triton/)."""
+        fix = f"set {path}.memory.impl = 'auto' (the kernel where it applies, else the PyTorch form)"
+        lacking = [f"{path}.arch = {self.arch!r} (the kernel covers 'titans')" if self.arch != "titans" else "",
+                   f"{path}.memory.kind = {self.memory.kind!r} (the kernel covers 'linear')"
+                   if self.memory.kind != "linear" else "",
+                   f"{path}.memory.differentiable_writes = false" if not self.memory.differentiable_writes else "",
+                   "triton, which is not installed (pip install triton)" if find_spec("triton") is None else ""]
+        lacking = [x for x in lacking if x]
+        if lacking:
+            raise ConfigError(f"{path}.memory.impl = 'triton' cannot run with {'; '.join(lacking)}: {fix}")
 
 
 @dataclass

@@ -1,13 +1,21 @@
 """Fixtures shared by the test directories: the synthetic corpus that training runs read (tests/training,
 tests/checkpoints), and a one-rank gloo process group with its mesh. tests/training holds the run helpers
 (train_helpers, dump_run); it is put on sys.path so that every directory imports them the same way. A run ends
-with the test groups that skipped on this machine and what enables them (skip_report.py)."""
+with the test groups that skipped on this machine and what enables them (skip_report.py). Without a GPU, Triton
+kernels run under Triton's interpreter."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels are checked under Triton's interpreter where no GPU is present; it is chosen when a kernel is
+# defined, so before any test imports one
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from skip_report import skip_report
 

@@ -86,14 +86,18 @@ class CausalDepthwiseConv1d(nn.Module):
         weight = local(self.weight)  # channels follow the (possibly column-parallel) input projection
         if self.width == 1:
             return x * weight[:, 0]
-        taps = self._extend(x, tail).unfold(1, self.width, 1)  # (B, T, C, w); tap j looks back w - 1 - j tokens
+        T, n = x.shape[1], self.width - 1
+        xp = self._extend(x, tail)
+        reach = None  # (B, T, 1): how far back t's document goes; a tap looking back further is masked
         if doc_start is not None:
-            # a tap looking back `lag` tokens is valid only if t - lag is not before the current document's start
-            pos = torch.arange(x.shape[1], device=x.device)
-            lags = torch.arange(self.width - 1, -1, -1, device=x.device)
-            valid = (pos[None, :, None] - lags[None, None, :]) >= self._doc_begin(doc_start)[:, :, None]  # (B, T, w)
-            taps = taps * valid[:, :, None, :].to(x.dtype)
-        return (taps * weight).sum(-1)
+            reach = (torch.arange(T, device=x.device) - self._doc_begin(doc_start))[:, :, None]
+        y = x * weight[:, n]  # tap n: the current token, always inside its own document
+        for j in range(n):  # tap j looks back n - j tokens: x_{t - n + j} = xp[t + j]
+            tap = xp[:, j:j + T]
+            if reach is not None:
+                tap = tap * (reach >= n - j).to(x.dtype)
+            y = torch.addcmul(y, tap, weight[:, j])
+        return y
 
     def next_tail(self, x: torch.Tensor, doc_start: torch.Tensor | None = None,
                   tail: torch.Tensor | None = None) -> torch.Tensor:

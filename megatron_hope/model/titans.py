@@ -173,7 +173,7 @@ class TitansMixer(_MixerBase):
             init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
             F.logsigmoid(alpha_pre), log_beta, doc_start[:, None].expand_as(eta_pre)
             if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts,
-            state=None if state is None else state.memory, impl=resolve_impl(self.cfg.memory.impl))
+            state=None if state is None else state.memory, impl=resolve_impl(self.cfg.memory.impl, self.opts, x.device))
         return self.output(o, x), MixerState(memory, conv)
 
 

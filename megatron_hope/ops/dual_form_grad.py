@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_hope.ops.chunk_algebra import ChunkCoefficients, MatrixWrite, at_token, at_token_row
+from megatron_hope.ops.chunk_algebra import (ChunkCoefficients, MatrixWrite, at_token, at_token_row,
+                                             solve_unitriangular)
 
 _INPUTS = ("W_c", "S_c", "K", "E", "KW", "Z", "g", "gp", "G", "Gp", "Dm", "Dmp", "c", "cp", "eta", "mom_c",
            "mom_rows", "last")
@@ -171,7 +172,7 @@ class _DualFormWrite(torch.autograd.Function):
 
         if dX and differentiable:  # the DGD solve (stop-grad writes detach X)
             d_X = _total(dX, X)
-            d_R = torch.linalg.solve_triangular(_T(KK * Gp * col_eta), d_X, upper=True, unitriangular=True)
+            d_R = solve_unitriangular(_T(KK * Gp * col_eta), d_X, upper=True)
             d_Tm = -(d_R @ _T(X)).tril(-1)
             t = d_Tm * KK
             grads["Gp"].append(t * col_eta)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates, MomentumForm, write_matrix
 from megatron_hope.ops.dual_form_grad import dual_form_write
+from megatron_hope.ops import triton as kernels
 from megatron_hope.ops.packing import DocumentLayout
 
 State = dict[str, Tensor]
@@ -316,10 +317,19 @@ def keep_finished_rows(active: Tensor, new: State, old: State) -> State:
 
 # ----------------------------------------------------------------------------- whole sequence
 
-def resolve_impl(impl: str) -> str:
-    """The scan implementation for model.memory.impl: "auto" is the chunk-parallel PyTorch form ("torch"), the
-    fastest available on every device ("chunked" is its earlier name); "sequential" is the token-by-token oracle."""
-    return "torch" if impl in ("auto", "chunked") else impl
+def resolve_impl(impl: str, opts: MemoryOptions | None = None, device: torch.device | None = None) -> str:
+    """The scan implementation for model.memory.impl. "auto": the Triton kernel ("triton") for a memory_scan on a
+    CUDA device when triton imports and the kernel covers `opts` (pass opts and device only for memory_scan's
+    callers), else the chunk-parallel PyTorch form ("torch"; "chunked" is its earlier name). "sequential" is the
+    token-by-token oracle."""
+    if impl == "chunked":
+        return "torch"
+    if impl != "auto":
+        return impl
+    if (opts is not None and device is not None and device.type == "cuda" and kernels.available()
+            and kernels.unsupported(opts) is None):
+        return "triton"
+    return "torch"
 
 
 def memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tensor, log_alpha: Tensor,
@@ -327,7 +337,8 @@ def memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tensor
                 state: State | None = None, impl: str = "torch") -> tuple[Tensor | None, State]:
     """Run the memory over a sequence. k, v, q: (..., T, d); gates and doc_start: (..., T).
 
-    impl: "torch" (chunk-parallel) or "sequential" (the token-by-token oracle). Returns the read-outs of q
+    impl: "torch" (chunk-parallel), "triton" (ops/triton/linear_memory.py: the linear memory on CUDA) or
+    "sequential" (the token-by-token oracle). Returns the read-outs of q
     (input dtype) and the final state (fp32), which a later call (the next sequence shard) can continue from
     when it starts on every row's chunk grid. The whole inner loop runs in fp32, also under autocast.
     """
@@ -353,8 +364,12 @@ def _memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tenso
                     log_beta[..., t] if opts.momentum else None)
         out, state = sequential_scan(init, state, inputs, doc_start, k.shape[-2], chunk_size, opts)
         return (out.to(dtype) if out is not None else None), state
+    if impl == "triton":
+        from megatron_hope.ops.triton.linear_memory import linear_memory_scan  # triton is an optional import
+        out, state = linear_memory_scan(init, k, v, q, eta, log_alpha, log_beta, doc_start, chunk_size, opts, state)
+        return (out.to(dtype) if out is not None else None), state
     if impl != "torch":
-        raise ValueError(f"memory impl {impl!r}: expected 'torch' or 'sequential'")
+        raise ValueError(f"memory impl {impl!r}: expected 'torch', 'triton' or 'sequential'")
     layout = DocumentLayout.build(doc_start, chunk_size) if doc_start is not None else None
     if layout is not None:  # pads write nothing: zero keys and learning rates, unit decays
         k, v = layout.scatter(k, -2), layout.scatter(v, -2)

@@ -188,5 +188,5 @@ class TitansMixer(_TPMixerBase):
         init = {n: t[:, 0] for n, t in self.mem_init.items()}
         o, _ = memory_scan(init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1),
                            mem.eta_max * torch.sigmoid(eta_pre), F.logsigmoid(alpha_pre), F.logsigmoid(beta_pre),
-                           None, mem.chunk_size, self.opts, impl=resolve_impl(mem.impl))
+                           None, mem.chunk_size, self.opts, impl=resolve_impl(mem.impl, self.opts, k.device))
         return self.output(o, hidden_states), None

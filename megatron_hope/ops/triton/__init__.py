@@ -1,0 +1,24 @@
+"""Fused Triton kernels behind the ops' signatures (one file per kernel family), selected by model.memory.impl.
+
+Triton is optional: `available()` says whether it imports and `unsupported()` which options a kernel lacks,
+without importing it; nothing above ops/ imports the kernel modules.
+On a machine without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before the first
+import of a kernel module), which is how the tests check them on CPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+
+def available() -> bool:
+    """Whether triton can be imported (the kernels' only extra dependency)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def unsupported(opts) -> str | None:
+    """Why the linear-memory kernel cannot run a scan with these ops.memory.MemoryOptions, or None when it can."""
+    if opts.kind != "linear":
+        return f"model.memory.kind = {opts.kind!r} (the kernel covers the linear memory)"
+    if not opts.differentiable:
+        return "stop-grad writes (model.memory.differentiable_writes = false)"
+    return None
