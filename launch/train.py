@@ -153,8 +153,7 @@ def describe(run: Run, sharded: bool) -> list[str]:
         lines.append("model.compile: true (torch.compile per block, inductor; the first steps compile)")
     if cfg.model.arch != "transformerpp":
         m = cfg.model.memory
-        # only the Titans mixer's scan has a kernel; HOPE's self-modifying scan runs the PyTorch form
-        opts = memory_options(cfg.model, self_modifying=False) if cfg.model.arch == "titans" else None
+        opts = memory_options(cfg.model, self_modifying=cfg.model.arch == "hope")
         lines.append(f"memory inner loop: {resolve_impl(m.impl, opts, run.device)} (model.memory.impl = {m.impl}), "
                      f"chunk {m.chunk_size}"
                      f"{f', recomputed in backward {m.recompute_chunks} chunk(s) at a time' if m.recompute_chunks else ''}")

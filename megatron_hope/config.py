@@ -30,7 +30,7 @@ class MemoryConfig:
     activation: Literal["silu", "gelu"] = "silu"
     # how the inner loop runs, not what it computes: left out of comparisons, so a checkpoint resumes either way
     # auto: the fastest for the device; sequential: the oracle; chunked: the earlier name of torch (saved configs);
-    # triton: the fused kernels (ops/triton/: the Titans mixer's linear memory, on CUDA)
+    # triton: the fused kernels of ops/triton/ (CUDA)
     impl: Literal["auto", "torch", "sequential", "chunked", "triton"] = field(default="auto", compare=False)
     # > 0: keep the state every this many chunks for backward, which recomputes them (less activation memory)
     recompute_chunks: int = field(default=0, compare=False)
@@ -143,13 +143,10 @@ class ModelConfig:
                                   f"= true set it to a multiple of the memory chunk (or lower the memory chunk)")
 
     def _validate_kernels(self, path: str) -> None:
-        """model.memory.impl = "triton" asks for a kernel that exists for this model and installation (the
-        kernels cover the Titans mixer's linear memory with differentiable writes: ops/triton/)."""
-        fix = f"set {path}.memory.impl = 'auto' (the kernel where it applies, else the PyTorch form)"
-        lacking = [f"{path}.arch = {self.arch!r} (the kernel covers 'titans')" if self.arch != "titans" else "",
-                   f"{path}.memory.kind = {self.memory.kind!r} (the kernel covers 'linear')"
-                   if self.memory.kind != "linear" else "",
-                   f"{path}.memory.differentiable_writes = false" if not self.memory.differentiable_writes else "",
+        """model.memory.impl = "triton" asks for kernels that cover this model and installation (ops/triton/:
+        the memories' writes and reads, with differentiable writes)."""
+        fix = f"set {path}.memory.impl = 'auto' (the kernels where they apply, else the PyTorch form)"
+        lacking = [f"{path}.memory.differentiable_writes = false" if not self.memory.differentiable_writes else "",
                    "triton, which is not installed (pip install triton)" if find_spec("triton") is None else ""]
         lacking = [x for x in lacking if x]
         if lacking:

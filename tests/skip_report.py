@@ -4,7 +4,7 @@ from __future__ import annotations
 # What enables the tests of a file that skips on a machine without what it needs.
 ENABLE = {"tests/training/test_slurm_cluster.py": "bash slurm/ci_cluster.sh install (as root; .ci/run does it)",
           "tests/data/test_data_corpus.py": "apt-get update (the bundled corpus is a Debian package; .ci/run does it)",
-          "tests/ops/test_triton_linear_memory.py": "pip install -c constraints.txt triton==3.7.1 (tests/run.sh does it)"}
+          "tests/ops/test_triton_memory_scan.py": "pip install -c constraints.txt triton==3.7.1 (tests/run.sh does it)"}
 NEEDS_GPU = "a machine with a CUDA GPU (bash benchmarks/gpu_suite.sh runs the GPU-side checks)"
 
 

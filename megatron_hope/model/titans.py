@@ -138,7 +138,8 @@ class SelfModifyingTitans(_MixerBase):
         o, memory = self_modifying_scan(
             torch.stack(gens, dim=2), None if self.cfg.memory.adaptive_q else q_in, log_beta,
             local_dict(self.gen_init), local_dict(self.mem_init), readouts, doc_start, self.cfg.memory.chunk_size, self.opts,
-            state=None if state is None else state.memory, impl=resolve_impl(self.cfg.memory.impl))
+            state=None if state is None else state.memory,
+            impl=resolve_impl(self.cfg.memory.impl, self.opts, x.device))
         return self.output(o, x), MixerState(memory, conv)
 
 
@@ -173,7 +174,8 @@ class TitansMixer(_MixerBase):
             init, F.normalize(k, dim=-1), v, F.normalize(q, dim=-1), self.cfg.memory.eta_max * torch.sigmoid(eta_pre),
             F.logsigmoid(alpha_pre), log_beta, doc_start[:, None].expand_as(eta_pre)
             if doc_start is not None else None, self.cfg.memory.chunk_size, self.opts,
-            state=None if state is None else state.memory, impl=resolve_impl(self.cfg.memory.impl, self.opts, x.device))
+            state=None if state is None else state.memory,
+            impl=resolve_impl(self.cfg.memory.impl, self.opts, x.device))
         return self.output(o, x), MixerState(memory, conv)
 
 

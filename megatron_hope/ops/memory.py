@@ -318,10 +318,9 @@ def keep_finished_rows(active: Tensor, new: State, old: State) -> State:
 # ----------------------------------------------------------------------------- whole sequence
 
 def resolve_impl(impl: str, opts: MemoryOptions | None = None, device: torch.device | None = None) -> str:
-    """The scan implementation for model.memory.impl. "auto": the Triton kernel ("triton") for a memory_scan on a
-    CUDA device when triton imports and the kernel covers `opts` (pass opts and device only for memory_scan's
-    callers), else the chunk-parallel PyTorch form ("torch"; "chunked" is its earlier name). "sequential" is the
-    token-by-token oracle."""
+    """The scan implementation for model.memory.impl. "auto": the Triton kernels ("triton") on a CUDA device when
+    triton imports and the kernels cover `opts`, else the chunk-parallel PyTorch form ("torch"; "chunked" is its
+    earlier name). "sequential" is the token-by-token oracle."""
     if impl == "chunked":
         return "torch"
     if impl != "auto":
@@ -337,7 +336,7 @@ def memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tensor
                 state: State | None = None, impl: str = "torch") -> tuple[Tensor | None, State]:
     """Run the memory over a sequence. k, v, q: (..., T, d); gates and doc_start: (..., T).
 
-    impl: "torch" (chunk-parallel), "triton" (ops/triton/linear_memory.py: the linear memory on CUDA) or
+    impl: "torch" (chunk-parallel), "triton" (the fused kernels of ops/triton/, on CUDA) or
     "sequential" (the token-by-token oracle). Returns the read-outs of q
     (input dtype) and the final state (fp32), which a later call (the next sequence shard) can continue from
     when it starts on every row's chunk grid. The whole inner loop runs in fp32, also under autocast.
@@ -365,8 +364,8 @@ def _memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta: Tenso
         out, state = sequential_scan(init, state, inputs, doc_start, k.shape[-2], chunk_size, opts)
         return (out.to(dtype) if out is not None else None), state
     if impl == "triton":
-        from megatron_hope.ops.triton.linear_memory import linear_memory_scan  # triton is an optional import
-        out, state = linear_memory_scan(init, k, v, q, eta, log_alpha, log_beta, doc_start, chunk_size, opts, state)
+        from megatron_hope.ops.triton.scan import kernel_memory_scan  # triton is an optional import
+        out, state = kernel_memory_scan(init, k, v, q, eta, log_alpha, log_beta, doc_start, chunk_size, opts, state)
         return (out.to(dtype) if out is not None else None), state
     if impl != "torch":
         raise ValueError(f"memory impl {impl!r}: expected 'torch', 'triton' or 'sequential'")

@@ -54,7 +54,8 @@ def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor |
     gen_inputs: (B, H, G, T, w), the static projections feeding the generators in the order k, v, eta, alpha
     (then q when q is adaptive, in which case `q` is None); q: (B, H, T, w) static queries (L2-normalised
     here); log_beta: (B, H, T) momentum decay; gen_init / mem_init: init states with leading dims (H, G) and
-    (H, 1); doc_start: (B, T) bool. impl: "torch" (chunk-parallel) or "sequential" (the oracle). Returns the
+    (H, 1); doc_start: (B, T) bool. impl: "torch" (chunk-parallel), "triton" (each chunk's writes and reads on the
+    memory-scan kernels of ops/triton/, the generator reads in PyTorch) or "sequential" (the oracle). Returns the
     main memory's read-outs (B, H, T, w) and the final state, whose memory dim (at -3) holds the G generators,
     then the main memory. The inner loop runs in fp32, also under autocast (hope_spec.md 2.8).
     """
@@ -70,10 +71,10 @@ def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor |
         args = (gen_inputs, q, log_beta, init, readouts, doc_start, chunk_size, opts, state)
         if impl == "sequential":
             out, state = _scan_sequential(*args)
-        elif impl == "torch":
-            out, state = _scan_chunked(*args)
+        elif impl in ("torch", "triton"):
+            out, state = _scan_chunked(*args, kernels=impl == "triton")
         else:
-            raise ValueError(f"memory impl {impl!r}: expected 'torch' or 'sequential'")
+            raise ValueError(f"memory impl {impl!r}: expected 'torch', 'triton' or 'sequential'")
         return out.to(dtype), state
 
 
@@ -96,7 +97,9 @@ def _scan_sequential(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | No
 
 def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, init: State,
                   readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
-                  state: State) -> tuple[Tensor, State]:
+                  state: State, kernels: bool = False) -> tuple[Tensor, State]:
+    """kernels: each chunk's writes and reads on the Triton kernels (one launch each way per chunk) instead of the
+    dual form in PyTorch."""
     G = gen_inputs.shape[2]
     layout = DocumentLayout.build(doc_start, chunk_size) if doc_start is not None else None
     if layout is not None:
@@ -113,14 +116,19 @@ def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None,
         # the generators are read at the chunk-start state (reading A): nothing in a chunk waits for its tokens
         gen = apply_memory({n: w[:, :, :G] for n, w in state.items() if n in init}, x, opts)
         k, v, eta, log_alpha, q_chunk = _generated(gen, q[..., sl, :] if q is not None else None, readouts)
+        sl_beta = log_beta[:, :, None, sl] if opts.momentum else None
+        if kernels:  # pads are not written; only the main memory's read-outs are kept
+            from megatron_hope.ops.triton.scan import chunk_on_kernels  # triton is an optional import
+            out, new = chunk_on_kernels(state, k[:, :, None], v[:, :, None], q_chunk[:, :, None], eta[:, :, None],
+                                        log_alpha[:, :, None], sl_beta,
+                                        layout.keep[:, None, None, sl] if layout is not None else None, opts)
+            return new, out[:, :, -1]
         last = None
         if layout is not None:  # pads: zero generator inputs give zero keys; learning rate 0 and unit decays here
             real = layout.keep[:, None, sl]
             eta, log_alpha = eta * real, log_alpha * real
             last = layout.last_in_chunk(s, x.shape[-2])[:, None, None].expand(x.shape[0], x.shape[1], 1)
-        coef = ChunkCoefficients.build(ChunkGates(eta[:, :, None], log_alpha[:, :, None],
-                                                  log_beta[:, :, None, sl] if opts.momentum else None,
-                                                  opts.momentum_form))
+        coef = ChunkCoefficients.build(ChunkGates(eta[:, :, None], log_alpha[:, :, None], sl_beta, opts.momentum_form))
         # keys and values are shared by every memory of the head; only the main memory is read
         new, out = chunk_update(state, coef, k[:, :, None], v[:, :, None], q_chunk[:, :, None], opts, read_memory=-1,
                                 last=last)

@@ -26,8 +26,8 @@ from megatron_hope.ops.memory import MemoryOptions, memory_scan
 from megatron_hope.ops.self_modifying import GateReadouts, self_modifying_scan
 
 IMPLS = ("sequential", "torch")
-# the linear memory's cases also run on the Triton kernel (under its interpreter on a CPU) when triton is installed
-LINEAR_IMPLS = IMPLS + (("triton",) if find_spec("triton") else ())
+# memory_scan's cases also run on the Triton kernels (under the interpreter on a CPU) when triton is installed
+SCAN_IMPLS = IMPLS + (("triton",) if find_spec("triton") else ())
 LINEAR = dict(kind="linear", momentum=False, dgd="none")
 
 
@@ -55,7 +55,7 @@ def silu(x: float) -> float:
 
 # ----------------------------------------------------------------------------- factor 2 of the L2 gradient
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_l2_gradient_keeps_the_factor_two_linear(impl):
     # M_0 = 0, k = [1, 0], v = [0, 1]: g = 2 (M_0 k - v) k^T = 2 [[0, 0], [-1, 0]]; alpha = 1, eta = 0.25:
     # M_1 = M_0 - 0.25 g = [[0, 0], [0.5, 0]]; read at q = k: M_1 k = [0, 0.5] (0.25 without the factor 2)
@@ -65,7 +65,7 @@ def test_l2_gradient_keeps_the_factor_two_linear(impl):
     assert_exact(out, [[0.0, 0.5]])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_l2_gradient_keeps_the_factor_two_mlp(impl):
     # width 1, hidden 1: M(z) = z + a silu(b z), a_0 = b_0 = 1, k = 1, v = 0, eta = 0.25, alpha = 1, no DGD.
     # residual r = M(k) - v = 1 + silu(1) = 1 + s with s = sigmoid(1) = silu(1); silu'(1) = s (1 + (1 - s))
@@ -89,7 +89,7 @@ MOMENTUM_CASE = dict(init={"W": [[1.0, 0.0], [0.0, 1.0]]}, k=[[1.0, 0.0], [0.0, 
                      q=[[1.0, 0.0], [1.0, 0.0]], eta=[0.5, 0.25], alpha=[0.5, 0.5], beta=[0.5, 0.5], chunk=1)
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_hope_momentum_form(impl):
     # S_1 = g_1; M_1 = I (0.5 I - 0.5 k_1 k_1^T) - 0.5 S_1 = diag(0, 0.5) - [[1, 0], [-1, 0]] = [[-1, 0], [1, 0.5]]
     # k_2 = [0, 1], v_2 = [1, 0]: M_1 k_2 = [0, 0.5], g_2 = 2 [-1, 0.5] k_2^T = [[0, -2], [0, 1]]
@@ -102,7 +102,7 @@ def test_hope_momentum_form(impl):
     assert_exact(out, [[-1.0, 1.0], [-0.5 - 0.25, 0.5 + 0.25]])  # M_t q_t, q = [1, 0]: first columns
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_titans_momentum_form_with_dgd(impl):
     # S_1 = -0.5 g_1 = [[-1, 0], [1, 0]]; M_1 = diag(0, 0.5) + S_1 = [[-1, 0], [1, 0.5]] (as above: S_0 = 0)
     # S_2 = 0.5 S_1 - 0.25 g_2 = [[-0.5, 0], [0.5, 0]] - [[0, -0.5], [0, 0.25]] = [[-0.5, 0.5], [0.5, -0.25]]
@@ -114,7 +114,7 @@ def test_titans_momentum_form_with_dgd(impl):
     assert_exact(out, [[-1.0, 1.0], [-1.0, 1.0]])
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_titans_baseline_switch(impl):
     """The Titans mixer's options (Titans section 3): S_t = beta S_{t-1} - eta g_t, M_t = alpha M_{t-1} + S_t,
     no DGD factor, targets v_t."""
@@ -147,7 +147,7 @@ READS = {
 }
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 @pytest.mark.parametrize("readout", READS)
 def test_readout_rule(impl, readout):
     out, state = scan(MemoryOptions(**{**LINEAR, "readout": readout}), impl=impl, **READ_CASE)
@@ -169,7 +169,7 @@ DGD_CASE = dict(init={"W": [[1.0, 0.0], [0.0, 1.0]]}, k=[[1.0, 0.0]] * 2, v=[[0.
                 eta=[0.25] * 2, alpha=[1.0] * 2)
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_dgd_factor_on_running_state_gradient_at_chunk_start(impl):
     # chunk 2: g_2 is taken at the chunk start M_0, so g_2 = g_1; M_2 = [[0.1875, 0], [0.375, 1]] - 0.25 g_1
     opts = MemoryOptions(kind="linear", momentum=False, dgd="first")
@@ -178,7 +178,7 @@ def test_dgd_factor_on_running_state_gradient_at_chunk_start(impl):
     assert_exact(out, [[0.25, 0.5], [0.1875 - 0.5, 0.375 + 0.5]])
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_dgd_with_chunk_one_takes_the_gradient_at_the_running_state(impl):
     # chunk 1: g_2 at M_1: M_1 k = [0.25, 0.5], g_2 = 2 [0.25, -0.5] k^T = [[0.5, 0], [-1, 0]]
     opts = MemoryOptions(kind="linear", momentum=False, dgd="first")
@@ -189,7 +189,7 @@ def test_dgd_with_chunk_one_takes_the_gradient_at_the_running_state(impl):
 
 # ----------------------------------------------------------------------------- inner-gradient clip
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_gradient_clip_is_per_token(impl):
     # M_0 = 0, grad_clip = 1, alpha = 1, eta = 0.25, one chunk of two tokens (gradients at M_0 = 0):
     #   g_1 = 2 (0 - [0, 1]) [1, 0]^T = [[0, 0], [-2, 0]], norm 2 -> scaled to norm 1: [[0, 0], [-1, 0]]
@@ -202,7 +202,7 @@ def test_gradient_clip_is_per_token(impl):
     assert_exact(out, [[0.0, 0.25], [0.125, 0.25]])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 def test_gradient_clip_is_per_matrix(impl):
     # the MLP case of the factor-2 test with grad_clip = 3: d/da = 2 (1 + s) s = 2.53... stays,
     # d/db = 2 (1 + s) s (2 - s) = 3.21... is scaled to 3 (one norm over both matrices, 4.1..., would scale both)
@@ -233,7 +233,7 @@ M6q, M7q = [0.25, 1.5], [0.1875 - 0.75, 0.375 + 0.75 + 1]
 DOC_READS = {"after_write": [M6q, M7q], "before_write": [[1.0, 1.0], M6q], "chunk_start": [[1.0, 1.0], [1.0, 1.0]]}
 
 
-@pytest.mark.parametrize("impl", LINEAR_IMPLS)
+@pytest.mark.parametrize("impl", SCAN_IMPLS)
 @pytest.mark.parametrize("readout", DOC_READS)
 def test_document_start_restores_init_zeroes_momentum_starts_a_chunk(impl, readout):
     opts = MemoryOptions(kind="linear", momentum=True, dgd="first", readout=readout)

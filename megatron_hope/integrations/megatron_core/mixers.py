@@ -156,7 +156,7 @@ class SelfModifyingTitansMixer(_TPMixerBase):
         log_beta = F.logsigmoid(beta).permute(1, 2, 0)  # (b, heads, s)
         o, _ = self_modifying_scan(torch.stack(gens, dim=2), None if mem.adaptive_q else q_in, log_beta,
                                    dict(self.gen_init), dict(self.mem_init), readouts, None, mem.chunk_size,
-                                   self.opts, impl=resolve_impl(mem.impl))
+                                   self.opts, impl=resolve_impl(mem.impl, self.opts, hidden_states.device))
         return self.output(o, hidden_states), None
 
 

@@ -16,9 +16,7 @@ def available() -> bool:
 
 
 def unsupported(opts) -> str | None:
-    """Why the linear-memory kernel cannot run a scan with these ops.memory.MemoryOptions, or None when it can."""
-    if opts.kind != "linear":
-        return f"model.memory.kind = {opts.kind!r} (the kernel covers the linear memory)"
+    """Why the memory-scan kernels cannot run a scan with these ops.memory.MemoryOptions, or None when they can."""
     if not opts.differentiable:
         return "stop-grad writes (model.memory.differentiable_writes = false)"
     return None

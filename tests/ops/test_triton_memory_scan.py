@@ -1,8 +1,8 @@
-"""The linear memory's Triton kernels (ops/triton/linear_memory.py) against the PyTorch forms: outputs, final
-states and every gradient (keys, values, queries, gates, the init and the carried state), in fp64 to 1e-10, for
-the option combinations the mixers use, with document starts and a ragged last chunk. On a CPU the kernels run
-under Triton's interpreter (tests/conftest.py), so the shapes are tiny. The hand-worked spec cases of
-test_spec_conventions.py also run on the kernel."""
+"""The memory scan's Triton kernels (ops/triton/: linear and MLP memory) against the PyTorch forms: outputs,
+final states and every gradient (keys, values, queries, gates, the init and the carried state), in fp64 to 1e-10,
+for the option combinations the mixers use, with document starts and a ragged last chunk. On a CPU the kernels
+run under Triton's interpreter (tests/conftest.py), so the shapes are tiny. The hand-worked spec cases of
+test_spec_conventions.py also run on the kernels."""
 from __future__ import annotations
 
 import pytest
@@ -13,14 +13,14 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from megatron_hope.config import MemoryConfig, ModelConfig  # noqa: E402
 from megatron_hope.config_base import ConfigError  # noqa: E402
-from megatron_hope.model.titans import TitansMixer  # noqa: E402
+from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer  # noqa: E402
 from megatron_hope.ops.memory import MemoryOptions, memory_scan, resolve_impl  # noqa: E402
 
-B, H, T, D, CHUNK = 2, 2, 21, 8, 8  # T = 2 full chunks and a ragged one
+B, H, T, D, M, CHUNK = 2, 2, 21, 8, 16, 8  # T = 2 full chunks and a ragged one; M: the MLP memory's hidden width
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: Triton's interpreter
 
 
-def make_inputs(dtype=torch.float64, seed=1, T=T):
+def make_inputs(dtype=torch.float64, seed=1, T=T, kind="linear"):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -29,7 +29,10 @@ def make_inputs(dtype=torch.float64, seed=1, T=T):
     streams = dict(k=F.normalize(r(B, H, T, D), dim=-1), v=r(B, H, T, D), q=r(B, H, T, D),
                    eta=0.5 * torch.sigmoid(r(B, H, T)), log_alpha=F.logsigmoid(r(B, H, T) + 3),
                    log_beta=F.logsigmoid(r(B, H, T) + 1))
-    init = {"W": torch.eye(D, dtype=dtype, device=DEVICE).expand(H, D, D) + 0.1 * r(H, D, D)}
+    if kind == "linear":
+        init = {"W": torch.eye(D, dtype=dtype, device=DEVICE).expand(H, D, D) + 0.1 * r(H, D, D)}
+    else:
+        init = {"A": 0.5 * r(H, D, M) / M ** 0.5, "B": r(H, M, D) / D ** 0.5}
     return streams, init
 
 
@@ -56,7 +59,8 @@ def run(impl, opts, streams, init, doc_start, state=None):
     state = {n: s.clone().requires_grad_() for n, s in state.items()} if state is not None else None
     out, final = memory_scan(init, xs["k"], xs["v"], xs["q"], xs["eta"], xs["log_alpha"],
                              xs["log_beta"] if opts.momentum else None, doc_start, CHUNK, opts, state=state, impl=impl)
-    leaves = {**xs, "init": init["W"], **({f"state_{n}": s for n, s in state.items()} if state else {})}
+    leaves = {**xs, **{f"init_{n}": w for n, w in init.items()},
+              **({f"state_{n}": s for n, s in state.items()} if state else {})}
     if not opts.momentum:
         leaves.pop("log_beta")
     # the init is unused when a carried state and no document start: its gradient is then zero
@@ -75,35 +79,44 @@ def assert_same(kernel, reference, tol):
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=tol, atol=tol, msg=lambda m: f"d{n}: {m}")
 
 
-CASES = {  # the Titans mixer's options, HOPE's linear-memory options, and the remaining switches
-    "titans-defaults": dict(momentum_form="titans", dgd="none", grad_clip=1.0),
-    "hope-selftarget-clip": dict(momentum_form="hope", dgd="first", self_target=True, grad_clip=0.7),
-    "before-write-noclip": dict(momentum_form="hope", dgd="first", readout="before_write"),
-    "chunk-start-no-momentum": dict(momentum=False, dgd="first", readout="chunk_start", grad_clip=0.5),
+CASES = {  # the Titans mixer's options, HOPE's options, and the remaining switches, for both memories
+    "linear-titans-defaults": dict(kind="linear", momentum_form="titans", dgd="none", grad_clip=1.0),
+    "linear-hope-selftarget-clip": dict(kind="linear", dgd="first", self_target=True, grad_clip=0.7),
+    "linear-before-write-noclip": dict(kind="linear", dgd="first", readout="before_write"),
+    "linear-chunk-start-no-momentum": dict(kind="linear", momentum=False, dgd="first", readout="chunk_start",
+                                           grad_clip=0.5),
+    "mlp-titans-defaults": dict(kind="mlp", momentum_form="titans", dgd="none", grad_clip=1.0),
+    "mlp-hope-each-selftarget-gelu": dict(kind="mlp", dgd="each", self_target=True, grad_clip=0.7,
+                                          activation="gelu"),
+    "mlp-before-write-first-noclip": dict(kind="mlp", dgd="first", readout="before_write"),
+    "mlp-chunk-start-no-momentum": dict(kind="mlp", momentum=False, dgd="first", readout="chunk_start",
+                                        grad_clip=0.5),
 }
 
 
 @pytest.mark.parametrize("docs", [False, True], ids=["one-doc", "packed"])
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_torch_form(case, docs):
-    opts = MemoryOptions(kind="linear", **CASES[case])
-    streams, init = make_inputs()
+    opts = MemoryOptions(**CASES[case])
+    streams, init = make_inputs(kind=opts.kind)
     ds = doc_starts() if docs else None
     assert_same(run("triton", opts, streams, init, ds), run("torch", opts, streams, init, ds), 1e-10)
 
 
-def test_kernel_equals_sequential_oracle():
-    opts = MemoryOptions(kind="linear", momentum_form="hope", dgd="first", self_target=True, grad_clip=0.7)
-    streams, init = make_inputs(seed=2)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_kernel_equals_sequential_oracle(kind):
+    opts = MemoryOptions(kind=kind, momentum_form="hope", dgd="first", self_target=True, grad_clip=0.7)
+    streams, init = make_inputs(seed=2, kind=kind)
     assert_same(run("triton", opts, streams, init, doc_starts()),
                 run("sequential", opts, streams, init, doc_starts()), 1e-10)
 
 
-def test_continuing_a_carried_state_and_its_gradient():
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_continuing_a_carried_state_and_its_gradient(kind):
     """A call continuing a state (the next sequence shard) equals the torch form, gradient w.r.t. that state
     included; and two calls on the kernel compute what one call does."""
-    opts = MemoryOptions(kind="linear", momentum_form="titans", dgd="none", grad_clip=1.0)
-    streams, init = make_inputs(T=24, seed=3)
+    opts = MemoryOptions(kind=kind, momentum_form="titans", dgd="none", grad_clip=1.0)
+    streams, init = make_inputs(T=24, seed=3, kind=kind)
     _, state, _ = run("torch", opts, {n: x[..., :8] if x.dim() == 3 else x[..., :8, :] for n, x in streams.items()},
                       init, None)
     state = {n: s.detach() for n, s in state.items()}
@@ -124,7 +137,8 @@ def test_continuing_a_carried_state_and_its_gradient():
                                      impl="triton")
     split, split_state = two_calls("triton")
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(split_state["W"], whole_state["W"], rtol=1e-12, atol=1e-12)
+    for n in whole_state:
+        torch.testing.assert_close(split_state[n], whole_state[n], rtol=1e-12, atol=1e-12)
 
 
 def test_fp32_inputs_stay_close_to_fp64():
@@ -161,38 +175,62 @@ def test_without_queries_only_the_state():
     torch.testing.assert_close(state["W"], ref["W"], rtol=1e-10, atol=1e-10)
 
 
-def test_titans_mixer_on_the_kernel_equals_the_torch_form():
-    cfg = ModelConfig(arch="titans", d_model=16, n_heads=2, memory=MemoryConfig(kind="linear", chunk_size=8))
-    mixer = TitansMixer(cfg).double().to(DEVICE)
+def mixer_outputs_and_grads(mixer, x, ds, impl):
+    mixer.cfg.memory.impl = impl
+    mixer.zero_grad()
+    out, state = mixer(x, ds)
+    out.pow(2).sum().backward()
+    return out.detach(), state.memory, {n: p.grad.clone() for n, p in mixer.named_parameters()}
+
+
+@pytest.mark.parametrize("arch, kind", [("titans", "linear"), ("titans", "mlp"), ("hope", "mlp"), ("hope", "linear")])
+def test_mixer_on_the_kernels_equals_the_torch_form(arch, kind):
+    """The Titans mixer (its memory scan in two launches) and HOPE's self-modifying mixer (each chunk's writes and
+    reads in a launch, the generators read in PyTorch), packed documents and a ragged chunk: outputs, final
+    memories and every parameter's gradient."""
+    cfg = ModelConfig(arch=arch, d_model=16, n_heads=2, memory=MemoryConfig(kind=kind, chunk_size=8))
+    mixer = (TitansMixer if arch == "titans" else SelfModifyingTitans)(cfg).double().to(DEVICE)
     torch.manual_seed(0)
-    x = torch.randn(2, 13, 16, dtype=torch.float64).to(DEVICE)
-    ds = torch.zeros(2, 13, dtype=torch.bool, device=DEVICE)
-    ds[:, 0] = ds[1, 6] = True
-    results = []
-    for impl in ("torch", "triton"):
-        cfg.memory.impl = impl
-        mixer.zero_grad()
-        out, _ = mixer(x, ds)
-        out.pow(2).sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in mixer.named_parameters()}))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-10)
-    for n, g in results[0][1].items():
-        torch.testing.assert_close(results[1][1][n], g, rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+    x = torch.randn(1, 13, 16, dtype=torch.float64).to(DEVICE)
+    ds = torch.zeros(1, 13, dtype=torch.bool, device=DEVICE)
+    ds[0, 0] = ds[0, 6] = True
+    (out, memory, grads), (ref_out, ref_memory, ref_grads) = (mixer_outputs_and_grads(mixer, x, ds, impl)
+                                                              for impl in ("triton", "torch"))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for n in ref_memory:
+        torch.testing.assert_close(memory[n], ref_memory[n], rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-10, atol=1e-10, msg=lambda m: f"{n}: {m}")
+
+
+def test_self_modifying_scan_on_the_kernels_equals_the_oracle():
+    cfg = ModelConfig(d_model=16, n_heads=2, memory=MemoryConfig(chunk_size=8, readout="before_write"))
+    mixer = SelfModifyingTitans(cfg).double().to(DEVICE)
+    torch.manual_seed(1)
+    x = torch.randn(1, 19, 16, dtype=torch.float64).to(DEVICE)
+    ds = torch.zeros(1, 19, dtype=torch.bool, device=DEVICE)
+    ds[0, 0] = ds[0, 11] = True
+    (out, memory, grads), (ref_out, ref_memory, ref_grads) = (mixer_outputs_and_grads(mixer, x, ds, impl)
+                                                              for impl in ("triton", "sequential"))
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-9, atol=1e-9, msg=lambda m: f"{n}: {m}")
 
 
 def test_auto_picks_the_kernel_only_where_it_applies():
-    linear = MemoryOptions(kind="linear")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert resolve_impl("auto", linear, cuda) == "triton"
-    assert resolve_impl("auto", linear, cpu) == "torch"
-    assert resolve_impl("auto", MemoryOptions(kind="mlp"), cuda) == "torch"
-    assert resolve_impl("auto", MemoryOptions(kind="linear", differentiable=False), cuda) == "torch"
-    assert resolve_impl("auto", None, cuda) == "torch"  # HOPE's self-modifying scan has no kernel yet
+    for kind in ("linear", "mlp"):
+        assert resolve_impl("auto", MemoryOptions(kind=kind), cuda) == "triton"
+        assert resolve_impl("auto", MemoryOptions(kind=kind), cpu) == "torch"
+        assert resolve_impl("auto", MemoryOptions(kind=kind, differentiable=False), cuda) == "torch"
+    assert resolve_impl("auto", None, cuda) == "torch"
     assert resolve_impl("chunked") == "torch"
 
 
-@pytest.mark.parametrize("arch, kind", [("hope", "linear"), ("titans", "mlp")])
-def test_config_refuses_triton_where_no_kernel_exists(arch, kind):
-    with pytest.raises(ConfigError, match="memory.impl = 'triton' cannot run with .*set model.memory.impl = 'auto'"):
-        ModelConfig(arch=arch, memory=MemoryConfig(kind=kind, impl="triton")).validate()
-    ModelConfig(arch="titans", memory=MemoryConfig(kind="linear", impl="triton")).validate()
+def test_config_refuses_triton_where_no_kernel_exists():
+    with pytest.raises(ConfigError, match="memory.impl = 'triton' cannot run with .*differentiable_writes = false.*"
+                                          "set model.memory.impl = 'auto'"):
+        ModelConfig(memory=MemoryConfig(impl="triton", differentiable_writes=False)).validate()
+    for arch in ("hope", "titans"):
+        for kind in ("linear", "mlp"):
+            ModelConfig(arch=arch, memory=MemoryConfig(kind=kind, impl="triton")).validate()
