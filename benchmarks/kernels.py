@@ -30,7 +30,7 @@ from benchmarks.mixer import OpCounter, forward  # noqa: E402
 from megatron_hope.config import MemoryConfig, ModelConfig  # noqa: E402
 from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer  # noqa: E402
 from megatron_hope.ops.memory import MemoryOptions, memory_scan  # noqa: E402
-from megatron_hope.ops.triton import linear_memory, mlp_memory  # noqa: E402
+from megatron_hope.ops.triton import generators, linear_memory, mlp_memory  # noqa: E402
 
 KINDS = ("linear", "mlp")
 
@@ -44,7 +44,8 @@ class LaunchCounter:
     """Counts the kernels' launches and hides what a launch dispatches (the interpreter's own tensor work) from an
     active OpCounter, by wrapping the kernel objects of ops/triton/ while in use."""
 
-    KERNELS = [(module, name) for module in (linear_memory, mlp_memory) for name in ("_forward_kernel", "_backward_kernel")]
+    KERNELS = [(module, name) for module in (linear_memory, mlp_memory, generators)
+               for name in ("_forward_kernel", "_backward_kernel")]
 
     def __init__(self) -> None:
         self.launches = 0
@@ -98,7 +99,7 @@ def report_op_counts(args, device) -> None:
                 emit(f"titans_{kind}_mixer_{impl}_ops_per_layer_t{T}", ops)
                 if impl == "triton":
                     emit(f"titans_{kind}_mixer_triton_kernel_launches_t{T}", launches)
-            # HOPE's mixer (MLP memories): each chunk's writes and reads in one launch each way
+            # HOPE's mixer (MLP memories): per chunk the generator reads and the writes, a launch each way each
             ops, launches = count_ops(hope_mixer(args.op_d_model, 2, args.chunk, T, impl, device), x)
             emit(f"hope_mixer_{impl}_ops_per_chunk_t{T}", ops / (T / args.chunk))
             if impl == "triton":

@@ -98,8 +98,8 @@ def _scan_sequential(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | No
 def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None, init: State,
                   readouts: GateReadouts, doc_start: Tensor | None, chunk_size: int, opts: MemoryOptions,
                   state: State, kernels: bool = False) -> tuple[Tensor, State]:
-    """kernels: each chunk's writes and reads on the Triton kernels (one launch each way per chunk) instead of the
-    dual form in PyTorch."""
+    """kernels: each chunk's writes and reads on the Triton kernels instead of the dual form in PyTorch, and with
+    MLP memories the generator reads too (two launches each way per chunk)."""
     G = gen_inputs.shape[2]
     layout = DocumentLayout.build(doc_start, chunk_size) if doc_start is not None else None
     if layout is not None:
@@ -107,28 +107,38 @@ def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None,
         q = layout.scatter(q, -2) if q is not None else None
         log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
         doc_start = layout.doc_start
+    if kernels:
+        from megatron_hope.ops.triton.generators import generator_reads  # triton is an optional import
+        from megatron_hope.ops.triton.scan import chunk_on_kernels
+        sd = gen_inputs.dtype
+        readouts = GateReadouts(readouts.eta_weight.to(sd), readouts.eta_bias.to(sd), readouts.alpha_weight.to(sd),
+                                readouts.alpha_bias.to(sd), readouts.eta_max)
 
     def step(state: State, s: int) -> tuple[State, Tensor]:
         sl = slice(s, s + chunk_size)
         if doc_start is not None:
             state = restart_documents(state, init, doc_start[:, s, None, None])
         x = gen_inputs[..., sl, :]
+        q_static = q[..., sl, :] if q is not None else None
         # the generators are read at the chunk-start state (reading A): nothing in a chunk waits for its tokens
-        gen = apply_memory({n: w[:, :, :G] for n, w in state.items() if n in init}, x, opts)
-        k, v, eta, log_alpha, q_chunk = _generated(gen, q[..., sl, :] if q is not None else None, readouts)
-        sl_beta = log_beta[:, :, None, sl] if opts.momentum else None
-        if kernels:  # pads are not written; only the main memory's read-outs are kept
-            from megatron_hope.ops.triton.scan import chunk_on_kernels  # triton is an optional import
-            out, new = chunk_on_kernels(state, k[:, :, None], v[:, :, None], q_chunk[:, :, None], eta[:, :, None],
-                                        log_alpha[:, :, None], sl_beta,
-                                        layout.keep[:, None, None, sl] if layout is not None else None, opts)
+        if kernels and opts.kind == "mlp":
+            k, v, eta, log_alpha, q_chunk = generator_reads(state, x, q_static, readouts, opts.activation)
+        else:
+            gen = apply_memory({n: w[:, :, :G] for n, w in state.items() if n in init}, x, opts)
+            k, v, eta, log_alpha, q_chunk = _generated(gen, q_static, readouts)
+        if kernels:  # the memories of a head share the keys and gates; pads are not written; the main memory is read
+            out, new = chunk_on_kernels(state, k, v, q_chunk, eta, log_alpha,
+                                        log_beta[..., sl] if opts.momentum else None,
+                                        layout.keep[:, None, sl] if layout is not None else None, opts)
             return new, out[:, :, -1]
         last = None
         if layout is not None:  # pads: zero generator inputs give zero keys; learning rate 0 and unit decays here
             real = layout.keep[:, None, sl]
             eta, log_alpha = eta * real, log_alpha * real
             last = layout.last_in_chunk(s, x.shape[-2])[:, None, None].expand(x.shape[0], x.shape[1], 1)
-        coef = ChunkCoefficients.build(ChunkGates(eta[:, :, None], log_alpha[:, :, None], sl_beta, opts.momentum_form))
+        coef = ChunkCoefficients.build(ChunkGates(eta[:, :, None], log_alpha[:, :, None],
+                                                  log_beta[:, :, None, sl] if opts.momentum else None,
+                                                  opts.momentum_form))
         # keys and values are shared by every memory of the head; only the main memory is read
         new, out = chunk_update(state, coef, k[:, :, None], v[:, :, None], q_chunk[:, :, None], opts, read_memory=-1,
                                 last=last)

@@ -19,6 +19,6 @@ def test_kernels_smoke(capsys):
         assert int(lines[f"{key}_torch_ops_per_layer_t64"]) > int(lines[f"{key}_torch_ops_per_layer_t32"])
         assert float(lines[f"{kind}_kernel_vs_oracle_max_rel_error_fp64"]) < 1e-12
         assert float(lines[f"{kind}_kernel_vs_oracle_max_rel_error_fp32"]) < 1e-5
-    # HOPE: the generator reads stay in PyTorch, so ops grow with the chunks, one launch each way per chunk
-    assert float(lines["hope_mixer_triton_kernel_launches_per_chunk_t64"]) == 2
+    # HOPE: per chunk the generator reads and the writes, one launch each way each
+    assert float(lines["hope_mixer_triton_kernel_launches_per_chunk_t64"]) == 4
     assert float(lines["hope_mixer_triton_ops_per_chunk_t64"]) < float(lines["hope_mixer_torch_ops_per_chunk_t64"])

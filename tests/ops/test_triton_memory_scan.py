@@ -183,12 +183,18 @@ def mixer_outputs_and_grads(mixer, x, ds, impl):
     return out.detach(), state.memory, {n: p.grad.clone() for n, p in mixer.named_parameters()}
 
 
-@pytest.mark.parametrize("arch, kind", [("titans", "linear"), ("titans", "mlp"), ("hope", "mlp"), ("hope", "linear")])
-def test_mixer_on_the_kernels_equals_the_torch_form(arch, kind):
-    """The Titans mixer (its memory scan in two launches) and HOPE's self-modifying mixer (each chunk's writes and
-    reads in a launch, the generators read in PyTorch), packed documents and a ragged chunk: outputs, final
-    memories and every parameter's gradient."""
-    cfg = ModelConfig(arch=arch, d_model=16, n_heads=2, memory=MemoryConfig(kind=kind, chunk_size=8))
+MIXERS = {"titans-linear": ("titans", dict(kind="linear")), "titans-mlp": ("titans", dict(kind="mlp")),
+          "hope-mlp": ("hope", dict(kind="mlp")), "hope-linear": ("hope", dict(kind="linear")),
+          "hope-mlp-adaptive-q-gelu": ("hope", dict(kind="mlp", adaptive_q=True, activation="gelu"))}
+
+
+@pytest.mark.parametrize("mixer_case", MIXERS)
+def test_mixer_on_the_kernels_equals_the_torch_form(mixer_case):
+    """The Titans mixer (its memory scan in two launches) and HOPE's self-modifying mixer (per chunk: the
+    generator reads in a launch with MLP memories, in PyTorch with linear ones, then the writes and reads in
+    another), packed documents and a ragged chunk: outputs, final memories and every parameter's gradient."""
+    arch, memory = MIXERS[mixer_case]
+    cfg = ModelConfig(arch=arch, d_model=16, n_heads=2, memory=MemoryConfig(chunk_size=8, **memory))
     mixer = (TitansMixer if arch == "titans" else SelfModifyingTitans)(cfg).double().to(DEVICE)
     torch.manual_seed(0)
     x = torch.randn(1, 13, 16, dtype=torch.float64).to(DEVICE)

@@ -20,3 +20,9 @@ def unsupported(opts) -> str | None:
     if not opts.differentiable:
         return "stop-grad writes (model.memory.differentiable_writes = false)"
     return None
+
+
+def fold_rows(grad, rep: int):
+    """The gradient of an input row shared by `rep` consecutive kernel rows (a stack of memories reading the same
+    keys and gates): the sum over those rows."""
+    return grad if rep == 1 else grad.view(-1, rep, *grad.shape[1:]).sum(1)

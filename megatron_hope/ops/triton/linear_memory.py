@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_hope.ops.triton import fold_rows
 from megatron_hope.ops.triton.token_math import clip_backward, clip_factor, mtv, mv, outer, write, write_backward
 
 
@@ -40,9 +41,10 @@ def _tile(D: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, reset_ptr, w0_ptr, w_in_ptr, s_in_ptr,
-                    o_ptr, w_out_ptr, s_out_ptr, ck_w_ptr, ck_s_ptr, n_chunks, clip,
+                    o_ptr, w_out_ptr, s_out_ptr, ck_w_ptr, ck_s_ptr, n_chunks, clip, REP,
                     D: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, MOMENTUM: tl.constexpr,
-                    DGD: tl.constexpr, SELF_TARGET: tl.constexpr, READOUT: tl.constexpr, CLIP: tl.constexpr):
+                    DGD: tl.constexpr, SELF_TARGET: tl.constexpr, READOUT: tl.constexpr, CLIP: tl.constexpr,
+                    HAS_INIT: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_d, m_d, o_dd, m_dd = _tile(D, BD)
     T = n_chunks * CHUNK
@@ -62,17 +64,18 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
             tl.store(ck_s_ptr + p_ck, b_s, mask=m_dd)
         b_wc = b_w
         for i_t in range(CHUNK):
-            p_t = i_n * T + i_c * CHUNK + i_t
-            b_k = tl.load(k_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            b_v = tl.load(v_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            b_q = tl.load(q_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            real = tl.load(real_ptr + p_t) != 0
+            p_t = i_n * T + i_c * CHUNK + i_t  # this row's token: read-outs and their gradients
+            p_s = (i_n // REP) * T + i_c * CHUNK + i_t  # the inputs, shared by REP rows
+            b_k = tl.load(k_ptr + p_s * D + o_d, mask=m_d, other=0.0)
+            b_v = tl.load(v_ptr + p_s * D + o_d, mask=m_d, other=0.0)
+            b_q = tl.load(q_ptr + p_s * D + o_d, mask=m_d, other=0.0)
+            real = tl.load(real_ptr + p_s) != 0
             b_e = _raw_error(b_wc, b_k, b_v, SELF_TARGET)
             if CLIP:
                 b_e = b_e * clip_factor(b_e, b_k, clip)
             b_before = b_w
-            b_wn, b_sn = write(b_w, b_s, b_k, b_e, tl.load(eta_ptr + p_t), tl.exp(tl.load(la_ptr + p_t)),
-                               tl.exp(tl.load(lb_ptr + p_t)), MOMENTUM, DGD)
+            b_wn, b_sn = write(b_w, b_s, b_k, b_e, tl.load(eta_ptr + p_s), tl.exp(tl.load(la_ptr + p_s)),
+                               tl.exp(tl.load(lb_ptr + p_s)), MOMENTUM, DGD)
             b_w = tl.where(real, b_wn, b_w)  # pads write nothing
             b_s = tl.where(real, b_sn, b_s)
             b_read = b_w
@@ -90,9 +93,10 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
 def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, reset_ptr, ck_w_ptr, ck_s_ptr,
                      do_ptr, dw_out_ptr, ds_out_ptr, scr_w_ptr, scr_s_ptr,
                      dk_ptr, dv_ptr, dq_ptr, deta_ptr, dla_ptr, dlb_ptr, dw0_ptr, dw_in_ptr, ds_in_ptr,
-                     n_chunks, clip,
+                     n_chunks, clip, REP,
                      D: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr, MOMENTUM: tl.constexpr,
-                     DGD: tl.constexpr, SELF_TARGET: tl.constexpr, READOUT: tl.constexpr, CLIP: tl.constexpr):
+                     DGD: tl.constexpr, SELF_TARGET: tl.constexpr, READOUT: tl.constexpr, CLIP: tl.constexpr,
+                     HAS_INIT: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_d, m_d, o_dd, m_dd = _tile(D, BD)
     T = n_chunks * CHUNK
@@ -112,17 +116,18 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
         if MOMENTUM != 0:
             b_s = tl.load(ck_s_ptr + p_ck, mask=m_dd, other=0.0)
         for i_t in range(CHUNK):  # recompute: the state and momentum before each token, into the scratch
-            p_t = i_n * T + i_c * CHUNK + i_t
+            p_t = i_n * T + i_c * CHUNK + i_t  # this row's token: read-outs and their gradients
+            p_s = (i_n // REP) * T + i_c * CHUNK + i_t  # the inputs, shared by REP rows
             tl.store(scr_w_ptr + p_scr + i_t * D * D, b_w, mask=m_dd)
             if MOMENTUM != 0:
                 tl.store(scr_s_ptr + p_scr + i_t * D * D, b_s, mask=m_dd)
-            b_k = tl.load(k_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            b_e = _raw_error(b_wc, b_k, tl.load(v_ptr + p_t * D + o_d, mask=m_d, other=0.0), SELF_TARGET)
+            b_k = tl.load(k_ptr + p_s * D + o_d, mask=m_d, other=0.0)
+            b_e = _raw_error(b_wc, b_k, tl.load(v_ptr + p_s * D + o_d, mask=m_d, other=0.0), SELF_TARGET)
             if CLIP:
                 b_e = b_e * clip_factor(b_e, b_k, clip)
-            b_wn, b_sn = write(b_w, b_s, b_k, b_e, tl.load(eta_ptr + p_t), tl.exp(tl.load(la_ptr + p_t)),
-                               tl.exp(tl.load(lb_ptr + p_t)), MOMENTUM, DGD)
-            real = tl.load(real_ptr + p_t) != 0
+            b_wn, b_sn = write(b_w, b_s, b_k, b_e, tl.load(eta_ptr + p_s), tl.exp(tl.load(la_ptr + p_s)),
+                               tl.exp(tl.load(lb_ptr + p_s)), MOMENTUM, DGD)
+            real = tl.load(real_ptr + p_s) != 0
             b_w = tl.where(real, b_wn, b_w)
             b_s = tl.where(real, b_sn, b_s)
         tl.debug_barrier()
@@ -130,13 +135,14 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
         b_dwc = b_dw * 0  # gradient w.r.t. W_c through the chunk's errors (and chunk-start reads)
         for i in range(CHUNK):
             i_t = CHUNK - 1 - i
-            p_t = i_n * T + i_c * CHUNK + i_t
-            b_k = tl.load(k_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            b_v = tl.load(v_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            b_q = tl.load(q_ptr + p_t * D + o_d, mask=m_d, other=0.0)
+            p_t = i_n * T + i_c * CHUNK + i_t  # this row's token: read-outs and their gradients
+            p_s = (i_n // REP) * T + i_c * CHUNK + i_t  # the inputs, shared by REP rows
+            b_k = tl.load(k_ptr + p_s * D + o_d, mask=m_d, other=0.0)
+            b_v = tl.load(v_ptr + p_s * D + o_d, mask=m_d, other=0.0)
+            b_q = tl.load(q_ptr + p_s * D + o_d, mask=m_d, other=0.0)
             b_do = tl.load(do_ptr + p_t * D + o_d, mask=m_d, other=0.0)
-            eta = tl.load(eta_ptr + p_t)
-            real = tl.load(real_ptr + p_t) != 0
+            eta = tl.load(eta_ptr + p_s)
+            real = tl.load(real_ptr + p_s) != 0
             b_wp = tl.load(scr_w_ptr + p_scr + i_t * D * D, mask=m_dd, other=0.0)
             b_sp = b_wp * 0
             if MOMENTUM != 0:
@@ -154,7 +160,7 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
                 b_dq = mtv(b_wc, b_do)
                 b_dwc = b_dwc + outer(b_do, b_q)
             b_dwp, b_dsp, b_de, b_dk, d_eta, d_la, d_lb = write_backward(
-                b_dw, b_ds, b_wp, b_sp, b_k, b_e, eta, tl.exp(tl.load(la_ptr + p_t)), tl.exp(tl.load(lb_ptr + p_t)),
+                b_dw, b_ds, b_wp, b_sp, b_k, b_e, eta, tl.exp(tl.load(la_ptr + p_s)), tl.exp(tl.load(lb_ptr + p_s)),
                 MOMENTUM, DGD)
             if CLIP:
                 b_de, b_dk_clip = clip_backward(b_er, b_k, b_de, clip)
@@ -185,30 +191,33 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
         b_dw0 = b_dw0 + tl.where(reset, b_dw, b_dw * 0)
         b_dw = tl.where(reset, b_dw * 0, b_dw)
         b_ds = tl.where(reset, b_ds * 0, b_ds)
-    tl.store(dw0_ptr + p_mat, b_dw0, mask=m_dd)
+    if HAS_INIT:
+        tl.store(dw0_ptr + p_mat, b_dw0, mask=m_dd)
     tl.store(dw_in_ptr + p_mat, b_dw, mask=m_dd)
     if MOMENTUM != 0:
         tl.store(ds_in_ptr + p_mat, b_ds, mask=m_dd)
 
 
 class LinearMemoryScan(torch.autograd.Function):
-    """Rows flattened and laid out (ops/triton/scan.py): k, v, q (N, T', d), T' a multiple of the chunk; gates
-    (N, T'); real (N, T') and reset (N, T'/C) int8; w0, w_in, s_in (N, d, d). Returns the read-outs (N, T', d)
-    and the final state and momentum (N, d, d). `constants`: the kernels' compile-time switches."""
+    """Rows flattened and laid out (ops/triton/scan.py): w_in, s_in (N, d, d) and w0 (the same, or None: no document
+    starts); k, v, q (N / rep, T', d), T' a multiple of the chunk, gates (N / rep, T') and real (N / rep, T') int8,
+    each row shared by `rep` consecutive state rows; reset (N, T'/C) int8. Returns the read-outs (N, T', d) and
+    the final state and momentum (N, d, d). `constants`: the kernels' compile-time switches."""
 
     @staticmethod
-    def forward(ctx, k, v, q, eta, log_alpha, log_beta, w0, w_in, s_in, real, reset, clip, constants):
-        N, T, d = k.shape
+    def forward(ctx, k, v, q, eta, log_alpha, log_beta, w0, w_in, s_in, real, reset, clip, rep, constants):
+        N, (T, d) = w_in.shape[0], k.shape[1:]
         n_chunks = T // constants["CHUNK"]
         momentum = constants["MOMENTUM"] != 0
-        o = torch.empty_like(q)
+        o = k.new_empty(N, T, d)
         w_out, s_out = torch.empty_like(w_in), torch.empty_like(s_in)
         ck_w = k.new_empty(N, n_chunks, d, d)
         ck_s = torch.empty_like(ck_w) if momentum else ck_w
-        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, w0, w_in, s_in, o, w_out, s_out,
-                              ck_w, ck_s, n_chunks, clip, D=d, BD=triton.next_power_of_2(d), **constants)
+        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, w_in if w0 is None else w0, w_in, s_in,
+                              o, w_out, s_out, ck_w, ck_s, n_chunks, clip, rep, D=d, BD=triton.next_power_of_2(d),
+                              HAS_INIT=w0 is not None, **constants)
         ctx.save_for_backward(k, v, q, eta, log_alpha, log_beta, real, reset, ck_w, ck_s)
-        ctx.clip, ctx.constants = clip, constants
+        ctx.clip, ctx.rep, ctx.has_init, ctx.constants = clip, rep, w0 is not None, constants
         if not momentum:
             ctx.mark_non_differentiable(s_out)
         return o, w_out, s_out
@@ -216,19 +225,22 @@ class LinearMemoryScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o, d_w, d_s):
         k, v, q, eta, log_alpha, log_beta, real, reset, ck_w, ck_s = ctx.saved_tensors
-        constants = ctx.constants
-        N, T, d = k.shape
+        constants, rep = ctx.constants, ctx.rep
+        N, (T, d) = ck_w.shape[0], k.shape[1:]
         momentum = constants["MOMENTUM"] != 0
         zeros = k.new_zeros(N, d, d)
-        d_o = torch.zeros_like(q) if d_o is None else d_o.contiguous()
+        d_o = k.new_zeros(N, T, d) if d_o is None else d_o.contiguous()
         d_w = zeros if d_w is None else d_w.contiguous()
         d_s = zeros if d_s is None or not momentum else d_s.contiguous()
         scratch_w = k.new_empty(N, constants["CHUNK"], d, d)
         scratch_s = torch.empty_like(scratch_w) if momentum else scratch_w
-        dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
-        d_eta, d_la, d_lb = torch.empty_like(eta), torch.empty_like(log_alpha), torch.empty_like(log_beta)
-        d_w0, d_w_in, d_s_in = torch.empty_like(zeros), torch.empty_like(zeros), torch.zeros_like(zeros)
+        dk, dv, dq = (k.new_empty(N, T, d) for _ in range(3))
+        d_eta, d_la, d_lb = (eta.new_empty(N, T) for _ in range(3))
+        d_w0 = torch.empty_like(zeros) if ctx.has_init else zeros
+        d_w_in, d_s_in = torch.empty_like(zeros), torch.zeros_like(zeros)
         _backward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, ck_w, ck_s, d_o, d_w, d_s,
                                scratch_w, scratch_s, dk, dv, dq, d_eta, d_la, d_lb, d_w0, d_w_in, d_s_in,
-                               T // constants["CHUNK"], ctx.clip, D=d, BD=triton.next_power_of_2(d), **constants)
-        return dk, dv, dq, d_eta, d_la, d_lb, d_w0, d_w_in, d_s_in, None, None, None, None
+                               T // constants["CHUNK"], ctx.clip, rep, D=d, BD=triton.next_power_of_2(d),
+                               HAS_INIT=ctx.has_init, **constants)
+        return (*(fold_rows(g, rep) for g in (dk, dv, dq, d_eta, d_la, d_lb)), d_w0 if ctx.has_init else None,
+                d_w_in, d_s_in, None, None, None, None, None)

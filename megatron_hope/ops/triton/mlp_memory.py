@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_hope.ops.triton import fold_rows
 from megatron_hope.ops.triton.token_math import (act, act_grad, act_grad2, clip_backward, clip_factor, mtv, mv,
                                                  outer, write, write_backward)
 
@@ -61,10 +62,10 @@ def _tiles(W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr)
 @triton.jit
 def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, reset_ptr, a0_ptr, b0_ptr,
                     a_in_ptr, b_in_ptr, sa_in_ptr, sb_in_ptr, o_ptr, a_out_ptr, b_out_ptr, sa_out_ptr, sb_out_ptr,
-                    ck_a_ptr, ck_b_ptr, ck_sa_ptr, ck_sb_ptr, n_chunks, clip,
+                    ck_a_ptr, ck_b_ptr, ck_sa_ptr, ck_sb_ptr, n_chunks, clip, REP,
                     W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr,
                     MOMENTUM: tl.constexpr, DGD_A: tl.constexpr, DGD_B: tl.constexpr, SELF_TARGET: tl.constexpr,
-                    READOUT: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr):
+                    READOUT: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr, HAS_INIT: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_w, m_w, o_a, m_a, o_b, m_b = _tiles(W, M, BW, BM)
     T = n_chunks * CHUNK
@@ -91,15 +92,16 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
             tl.store(ck_sb_ptr + p_ck + o_b, b_sb, mask=m_b)
         b_ac, b_bc = b_a, b_b
         for i_t in range(CHUNK):
-            p_t = i_n * T + i_c * CHUNK + i_t
-            b_k = tl.load(k_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            b_v = tl.load(v_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            b_q = tl.load(q_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            real = tl.load(real_ptr + p_t) != 0
+            p_t = i_n * T + i_c * CHUNK + i_t  # this row's token: read-outs and their gradients
+            p_s = (i_n // REP) * T + i_c * CHUNK + i_t  # the inputs, shared by REP rows
+            b_k = tl.load(k_ptr + p_s * W + o_w, mask=m_w, other=0.0)
+            b_v = tl.load(v_ptr + p_s * W + o_w, mask=m_w, other=0.0)
+            b_q = tl.load(q_ptr + p_s * W + o_w, mask=m_w, other=0.0)
+            real = tl.load(real_ptr + p_s) != 0
             b_a_before, b_b_before = b_a, b_b
             a_new, b_new, sa_new, sb_new = _token_write(
-                b_a, b_b, b_sa, b_sb, b_ac, b_bc, b_k, b_v, tl.load(eta_ptr + p_t), tl.exp(tl.load(la_ptr + p_t)),
-                tl.exp(tl.load(lb_ptr + p_t)), clip, MOMENTUM, DGD_A, DGD_B, SELF_TARGET, CLIP, ACT)
+                b_a, b_b, b_sa, b_sb, b_ac, b_bc, b_k, b_v, tl.load(eta_ptr + p_s), tl.exp(tl.load(la_ptr + p_s)),
+                tl.exp(tl.load(lb_ptr + p_s)), clip, MOMENTUM, DGD_A, DGD_B, SELF_TARGET, CLIP, ACT)
             b_a = tl.where(real, a_new, b_a)  # pads write nothing
             b_b = tl.where(real, b_new, b_b)
             b_sa = tl.where(real, sa_new, b_sa)
@@ -131,10 +133,10 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
                      ck_a_ptr, ck_b_ptr, ck_sa_ptr, ck_sb_ptr, do_ptr, da_out_ptr, db_out_ptr, dsa_out_ptr,
                      dsb_out_ptr, scr_a_ptr, scr_b_ptr, scr_sa_ptr, scr_sb_ptr,
                      dk_ptr, dv_ptr, dq_ptr, deta_ptr, dla_ptr, dlb_ptr, da0_ptr, db0_ptr, da_in_ptr, db_in_ptr,
-                     dsa_in_ptr, dsb_in_ptr, n_chunks, clip,
+                     dsa_in_ptr, dsb_in_ptr, n_chunks, clip, REP,
                      W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr,
                      MOMENTUM: tl.constexpr, DGD_A: tl.constexpr, DGD_B: tl.constexpr, SELF_TARGET: tl.constexpr,
-                     READOUT: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr):
+                     READOUT: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr, HAS_INIT: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
     o_w, m_w, o_a, m_a, o_b, m_b = _tiles(W, M, BW, BM)
     T = n_chunks * CHUNK
@@ -158,19 +160,20 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
             b_sa = tl.load(ck_sa_ptr + p_ck + o_a, mask=m_a, other=0.0)
             b_sb = tl.load(ck_sb_ptr + p_ck + o_b, mask=m_b, other=0.0)
         for i_t in range(CHUNK):  # recompute: the states before each token, into the scratch
-            p_t = i_n * T + i_c * CHUNK + i_t
-            p_s = p_scr + i_t * W * M
-            tl.store(scr_a_ptr + p_s + o_a, b_a, mask=m_a)
-            tl.store(scr_b_ptr + p_s + o_b, b_b, mask=m_b)
+            p_t = i_n * T + i_c * CHUNK + i_t  # this row's token: read-outs and their gradients
+            p_s = (i_n // REP) * T + i_c * CHUNK + i_t  # the inputs, shared by REP rows
+            p_z = p_scr + i_t * W * M  # this token's slot in the scratch
+            tl.store(scr_a_ptr + p_z + o_a, b_a, mask=m_a)
+            tl.store(scr_b_ptr + p_z + o_b, b_b, mask=m_b)
             if MOMENTUM != 0:
-                tl.store(scr_sa_ptr + p_s + o_a, b_sa, mask=m_a)
-                tl.store(scr_sb_ptr + p_s + o_b, b_sb, mask=m_b)
+                tl.store(scr_sa_ptr + p_z + o_a, b_sa, mask=m_a)
+                tl.store(scr_sb_ptr + p_z + o_b, b_sb, mask=m_b)
             a_new, b_new, sa_new, sb_new = _token_write(
-                b_a, b_b, b_sa, b_sb, b_ac, b_bc, tl.load(k_ptr + p_t * W + o_w, mask=m_w, other=0.0),
-                tl.load(v_ptr + p_t * W + o_w, mask=m_w, other=0.0), tl.load(eta_ptr + p_t),
-                tl.exp(tl.load(la_ptr + p_t)), tl.exp(tl.load(lb_ptr + p_t)), clip, MOMENTUM, DGD_A, DGD_B,
+                b_a, b_b, b_sa, b_sb, b_ac, b_bc, tl.load(k_ptr + p_s * W + o_w, mask=m_w, other=0.0),
+                tl.load(v_ptr + p_s * W + o_w, mask=m_w, other=0.0), tl.load(eta_ptr + p_s),
+                tl.exp(tl.load(la_ptr + p_s)), tl.exp(tl.load(lb_ptr + p_s)), clip, MOMENTUM, DGD_A, DGD_B,
                 SELF_TARGET, CLIP, ACT)
-            real = tl.load(real_ptr + p_t) != 0
+            real = tl.load(real_ptr + p_s) != 0
             b_a = tl.where(real, a_new, b_a)
             b_b = tl.where(real, b_new, b_b)
             b_sa = tl.where(real, sa_new, b_sa)
@@ -180,22 +183,23 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
         b_dac, b_dbc = b_da * 0, b_db * 0  # gradients w.r.t. the chunk-start point (errors, chunk-start reads)
         for i in range(CHUNK):
             i_t = CHUNK - 1 - i
-            p_t = i_n * T + i_c * CHUNK + i_t
-            p_s = p_scr + i_t * W * M
-            b_k = tl.load(k_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            b_v = tl.load(v_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            b_q = tl.load(q_ptr + p_t * W + o_w, mask=m_w, other=0.0)
+            p_t = i_n * T + i_c * CHUNK + i_t  # this row's token: read-outs and their gradients
+            p_s = (i_n // REP) * T + i_c * CHUNK + i_t  # the inputs, shared by REP rows
+            p_z = p_scr + i_t * W * M  # this token's slot in the scratch
+            b_k = tl.load(k_ptr + p_s * W + o_w, mask=m_w, other=0.0)
+            b_v = tl.load(v_ptr + p_s * W + o_w, mask=m_w, other=0.0)
+            b_q = tl.load(q_ptr + p_s * W + o_w, mask=m_w, other=0.0)
             b_do = tl.load(do_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            eta = tl.load(eta_ptr + p_t)
-            alpha = tl.exp(tl.load(la_ptr + p_t))
-            beta = tl.exp(tl.load(lb_ptr + p_t))
-            real = tl.load(real_ptr + p_t) != 0
-            b_ap = tl.load(scr_a_ptr + p_s + o_a, mask=m_a, other=0.0)
-            b_bp = tl.load(scr_b_ptr + p_s + o_b, mask=m_b, other=0.0)
+            eta = tl.load(eta_ptr + p_s)
+            alpha = tl.exp(tl.load(la_ptr + p_s))
+            beta = tl.exp(tl.load(lb_ptr + p_s))
+            real = tl.load(real_ptr + p_s) != 0
+            b_ap = tl.load(scr_a_ptr + p_z + o_a, mask=m_a, other=0.0)
+            b_bp = tl.load(scr_b_ptr + p_z + o_b, mask=m_b, other=0.0)
             b_sap, b_sbp = b_ap * 0, b_bp * 0
             if MOMENTUM != 0:
-                b_sap = tl.load(scr_sa_ptr + p_s + o_a, mask=m_a, other=0.0)
-                b_sbp = tl.load(scr_sb_ptr + p_s + o_b, mask=m_b, other=0.0)
+                b_sap = tl.load(scr_sa_ptr + p_z + o_a, mask=m_a, other=0.0)
+                b_sbp = tl.load(scr_sb_ptr + p_z + o_b, mask=m_b, other=0.0)
             # the read-out, at the state after the write, before it, or at the chunk start
             if READOUT == 0:
                 g_a, g_b, b_dq = _read_backward(b_aa, b_ba, b_q, b_do, ACT)
@@ -264,8 +268,9 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
         b_db = tl.where(reset, b_db * 0, b_db)
         b_dsa = tl.where(reset, b_dsa * 0, b_dsa)
         b_dsb = tl.where(reset, b_dsb * 0, b_dsb)
-    tl.store(da0_ptr + p_mat + o_a, b_da0, mask=m_a)
-    tl.store(db0_ptr + p_mat + o_b, b_db0, mask=m_b)
+    if HAS_INIT:
+        tl.store(da0_ptr + p_mat + o_a, b_da0, mask=m_a)
+        tl.store(db0_ptr + p_mat + o_b, b_db0, mask=m_b)
     tl.store(da_in_ptr + p_mat + o_a, b_da, mask=m_a)
     tl.store(db_in_ptr + p_mat + o_b, b_db, mask=m_b)
     if MOMENTUM != 0:
@@ -274,25 +279,27 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
 
 
 class MLPMemoryScan(torch.autograd.Function):
-    """Rows flattened and laid out (ops/triton/scan.py): k, v, q (N, T', w); gates (N, T'); real (N, T') and reset
-    (N, T'/C) int8; a0, a_in, sa_in (N, w, m) and b0, b_in, sb_in (N, m, w). Returns the read-outs and the final
-    A, B and their momenta."""
+    """Rows flattened and laid out (ops/triton/scan.py): a_in, sa_in (N, w, m), b_in, sb_in (N, m, w) and the inits
+    a0, b0 (the same, or None: no document starts); k, v, q (N / rep, T', w), gates and real (N / rep, T'), each
+    row shared by `rep` consecutive state rows; reset (N, T'/C) int8. Returns the read-outs (N, T', w) and the
+    final A, B and their momenta."""
 
     @staticmethod
-    def forward(ctx, k, v, q, eta, log_alpha, log_beta, a0, b0, a_in, b_in, sa_in, sb_in, real, reset, clip,
+    def forward(ctx, k, v, q, eta, log_alpha, log_beta, a0, b0, a_in, b_in, sa_in, sb_in, real, reset, clip, rep,
                 constants):
-        N, T, w = k.shape
-        m = a0.shape[-1]
+        N, (T, w), m = a_in.shape[0], k.shape[1:], a_in.shape[-1]
         n_chunks = T // constants["CHUNK"]
         momentum = constants["MOMENTUM"] != 0
-        o = torch.empty_like(q)
+        has_init = a0 is not None
+        o = k.new_empty(N, T, w)
         outs = [torch.empty_like(x) for x in (a_in, b_in, sa_in, sb_in)]
         ck = [k.new_empty(N, n_chunks, *x.shape[1:]) for x in (a_in, b_in)]
         ck += [torch.empty_like(c) for c in ck] if momentum else ck
-        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, a0, b0, a_in, b_in, sa_in, sb_in, o,
-                              *outs, *ck, n_chunks, clip, **_sizes(w, m), **constants)
+        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, a0 if has_init else a_in,
+                              b0 if has_init else b_in, a_in, b_in, sa_in, sb_in, o, *outs, *ck, n_chunks, clip, rep,
+                              **_sizes(w, m), HAS_INIT=has_init, **constants)
         ctx.save_for_backward(k, v, q, eta, log_alpha, log_beta, real, reset, *ck)
-        ctx.clip, ctx.constants, ctx.m = clip, constants, m
+        ctx.clip, ctx.rep, ctx.has_init, ctx.constants, ctx.m = clip, rep, has_init, constants, m
         if not momentum:
             ctx.mark_non_differentiable(*outs[2:])
         return o, *outs
@@ -300,23 +307,24 @@ class MLPMemoryScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o, *d_states):
         k, v, q, eta, log_alpha, log_beta, real, reset, *ck = ctx.saved_tensors
-        constants, m = ctx.constants, ctx.m
-        N, T, w = k.shape
+        constants, m, rep = ctx.constants, ctx.m, ctx.rep
+        N, (T, w) = ck[0].shape[0], k.shape[1:]
         momentum = constants["MOMENTUM"] != 0
         shapes = ((N, w, m), (N, m, w), (N, w, m), (N, m, w))
-        d_o = torch.zeros_like(q) if d_o is None else d_o.contiguous()
+        d_o = k.new_zeros(N, T, w) if d_o is None else d_o.contiguous()
         d_states = [k.new_zeros(s) if d is None or (i >= 2 and not momentum) else d.contiguous()
                     for i, (d, s) in enumerate(zip(d_states, shapes))]
         scratch = [k.new_empty(N, constants["CHUNK"], *s[1:]) for s in shapes[:2]]
         scratch += [torch.empty_like(s) for s in scratch] if momentum else scratch
-        dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
-        d_gates = [torch.empty_like(g) for g in (eta, log_alpha, log_beta)]
-        d_inits = [k.new_empty(s) for s in shapes[:2]]
+        dk, dv, dq = (k.new_empty(N, T, w) for _ in range(3))
+        d_gates = [eta.new_empty(N, T) for _ in range(3)]
+        d_inits = [k.new_empty(s) for s in shapes[:2]] if ctx.has_init else d_states[:2]
         d_ins = [k.new_empty(s) for s in shapes[:2]] + [k.new_zeros(s) for s in shapes[2:]]
         _backward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, *ck, d_o, *d_states, *scratch,
-                               dk, dv, dq, *d_gates, *d_inits, *d_ins, T // constants["CHUNK"], ctx.clip,
-                               **_sizes(w, m), **constants)
-        return dk, dv, dq, *d_gates, *d_inits, *d_ins, None, None, None, None
+                               dk, dv, dq, *d_gates, *d_inits, *d_ins, T // constants["CHUNK"], ctx.clip, rep,
+                               **_sizes(w, m), HAS_INIT=ctx.has_init, **constants)
+        return (*(fold_rows(g, rep) for g in (dk, dv, dq, *d_gates)), *(d_inits if ctx.has_init else (None, None)),
+                *d_ins, None, None, None, None, None)
 
 
 def _sizes(w: int, m: int) -> dict:

@@ -73,40 +73,43 @@ def kernel_memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta:
 def chunk_on_kernels(state: State, k: Tensor, v: Tensor, q: Tensor, eta: Tensor, log_alpha: Tensor,
                      log_beta: Tensor | None, real: Tensor | None, opts: MemoryOptions) -> tuple[Tensor, State]:
     """One chunk of writes and reads (no document start inside it) from `state` on the kernels: the read-outs of
-    every memory and the new state. k, v, q (..., L, w) and the gates (..., L) broadcast against the state's
-    leading dims (keys and gates shared by a stack of memories); real (..., L): False at pads (no write)."""
-    lead = next(iter(state.values())).shape[:-2]
+    every memory and the new state. The state's last leading dim is a stack of memories that share the keys,
+    values, queries (..., L, w) and gates (..., L) given without that dim; real (..., L) bool: False at pads."""
     L = k.shape[-2]
-    streams = [x.expand(*lead, *x.shape[-2:]) for x in (k, v, q)]
-    gates = [g.expand(*lead, L) for g in (eta, log_alpha, log_beta if log_beta is not None else torch.zeros_like(eta))]
-    real = (real if real is not None else torch.ones_like(eta, dtype=torch.bool)).to(torch.int8).expand(*lead, L)
-    reset = torch.zeros_like(real[..., :1])  # the caller restarts documents before it reads the generators
-    return run_kernels(streams, gates, real, reset, state, state, L, opts)
+    gates = [eta, log_alpha, log_beta if log_beta is not None else torch.zeros_like(eta)]
+    real = (real if real is not None else torch.ones_like(eta, dtype=torch.bool)).expand_as(eta).to(torch.int8)
+    reset = real.new_zeros(*next(iter(state.values())).shape[:-2], 1)  # the caller restarts documents
+    return run_kernels([k, v, q], gates, real, reset, None, state, L, opts)
 
 
-def run_kernels(streams: list[Tensor], gates: list[Tensor], real: Tensor, reset: Tensor, init: State, state: State,
-                chunk_size: int, opts: MemoryOptions) -> tuple[Tensor, State]:
-    """The kernel pair on laid-out rows: streams k, v, q (..., T', w) and gates (..., T') with T' a multiple of
-    the chunk; real (..., T') and reset (..., T'/chunk) int8. Returns the read-outs (..., T', w) and the state."""
+def run_kernels(streams: list[Tensor], gates: list[Tensor], real: Tensor, reset: Tensor, init: State | None,
+                state: State, chunk_size: int, opts: MemoryOptions) -> tuple[Tensor, State]:
+    """The kernel pair on laid-out rows: streams k, v, q (..., T', w), gates and real (..., T') with T' a multiple
+    of the chunk, their leading dims the state's, or the state's but the last (a stack of memories sharing them);
+    reset (state's leading dims, T'/chunk) int8; init None when no document starts. Returns the read-outs
+    (state's leading dims, T', w) and the new state."""
     reason = unsupported(opts)
     if reason is not None:
         raise ValueError(f"the Triton memory kernels do not support {reason}; use model.memory.impl = 'torch'")
     if streams[0].device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the Triton kernels run on CUDA tensors (these are on {streams[0].device.type}; tests run "
                          "them under Triton's interpreter, TRITON_INTERPRET=1): use model.memory.impl = 'auto'")
-    lead, (T, w) = streams[0].shape[:-2], streams[0].shape[-2:]
     names = matrix_names(opts)
+    lead = state[names[0]].shape[:-2]
+    T, w = streams[0].shape[-2:]
+    rep = lead[-1] if streams[0].dim() - 2 < len(lead) else 1  # state rows per input row
 
     def rows(x: Tensor) -> Tensor:
         return x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:]).contiguous()
 
     carried = [rows(state[n]) for n in names]
     momenta = [rows(state["S_" + n]) if opts.momentum else torch.zeros_like(c) for n, c in zip(names, carried)]
+    inits = [rows(init[n]) for n in names] if init is not None else [None] * len(names)
     fn = LinearMemoryScan if opts.kind == "linear" else MLPMemoryScan
-    o, *final = fn.apply(*(rows(x) for x in streams), *(g.reshape(-1, T).contiguous() for g in gates),
-                         *(rows(init[n]) for n in names), *carried, *momenta, real.reshape(-1, T).contiguous(),
-                         reset.reshape(-1, T // chunk_size).contiguous(), float(opts.grad_clip),
-                         _constants(opts, chunk_size))
+    o, *final = fn.apply(*(x.reshape(-1, T, w).contiguous() for x in streams),
+                         *(g.reshape(-1, T).contiguous() for g in gates), *inits, *carried, *momenta,
+                         real.reshape(-1, T).contiguous(), reset.reshape(-1, T // chunk_size).contiguous(),
+                         float(opts.grad_clip), rep, _constants(opts, chunk_size))
     new = {n: x.view(*lead, *x.shape[-2:]) for n, x in zip(names, final)}
     if opts.momentum:
         new.update({"S_" + n: x.view(*lead, *x.shape[-2:]) for n, x in zip(names, final[len(names):])})
