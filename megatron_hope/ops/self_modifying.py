@@ -107,6 +107,7 @@ def _scan_chunked(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor | None,
         q = layout.scatter(q, -2) if q is not None else None
         log_beta = layout.scatter(log_beta, -1) if log_beta is not None else None
         doc_start = layout.doc_start
+    generator_reads = chunk_on_kernels = None  # bound either way: compiled code reads no unset closure cell
     if kernels:
         from megatron_hope.ops.triton.generators import generator_reads  # triton is an optional import
         from megatron_hope.ops.triton.scan import chunk_on_kernels

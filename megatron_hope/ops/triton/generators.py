@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_hope.ops.triton.token_math import GELU, SILU, act, act_grad, mtv, mv, outer
+from megatron_hope.ops.triton.token_math import GELU, SILU, act, act_grad, mlp_tiles, mtv, mv, outer
 
 
 @triton.jit
@@ -28,19 +28,19 @@ def _normalize_backward(x, dy):
 
 
 @triton.jit
+def _readouts(re_ptr, be_ptr, ra_ptr, ba_ptr, i_h, o_w, m_w, W: tl.constexpr):
+    """Head i_h's gate readouts: r_eta, b_eta, r_alpha, b_alpha."""
+    return (tl.load(re_ptr + i_h * W + o_w, mask=m_w, other=0.0), tl.load(be_ptr + i_h),
+            tl.load(ra_ptr + i_h * W + o_w, mask=m_w, other=0.0), tl.load(ba_ptr + i_h))
+
+
+@triton.jit
 def _forward_kernel(x_ptr, q_ptr, a_ptr, b_ptr, re_ptr, be_ptr, ra_ptr, ba_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, qo_ptr,
                     H, eta_max, W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr,
                     L: tl.constexpr, G: tl.constexpr, ADAPTIVE_Q: tl.constexpr, ACT: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
-    i_h = i_bh % H
-    o_w, o_m = tl.arange(0, BW), tl.arange(0, BM)
-    m_w, m_m = o_w < W, o_m < M
-    o_a, m_a = o_w[:, None] * M + o_m[None, :], m_w[:, None] & m_m[None, :]
-    o_b, m_b = o_m[:, None] * W + o_w[None, :], m_m[:, None] & m_w[None, :]
-    b_re = tl.load(re_ptr + i_h * W + o_w, mask=m_w, other=0.0)
-    b_ra = tl.load(ra_ptr + i_h * W + o_w, mask=m_w, other=0.0)
-    bias_e = tl.load(be_ptr + i_h)
-    bias_a = tl.load(ba_ptr + i_h)
+    o_w, m_w, o_a, m_a, o_b, m_b = mlp_tiles(W, M, BW, BM)
+    b_re, bias_e, b_ra, bias_a = _readouts(re_ptr, be_ptr, ra_ptr, ba_ptr, i_bh % H, o_w, m_w, W)
     for g in tl.static_range(G):
         p_mem = (i_bh * (G + 1) + g) * W * M  # the state holds the G generators, then the main memory
         b_a = tl.load(a_ptr + p_mem + o_a, mask=m_a, other=0.0)
@@ -74,15 +74,8 @@ def _backward_kernel(x_ptr, q_ptr, a_ptr, b_ptr, re_ptr, be_ptr, ra_ptr, ba_ptr,
                      H, eta_max, W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr,
                      L: tl.constexpr, G: tl.constexpr, ADAPTIVE_Q: tl.constexpr, ACT: tl.constexpr):
     i_bh = tl.program_id(0).to(tl.int64)
-    i_h = i_bh % H
-    o_w, o_m = tl.arange(0, BW), tl.arange(0, BM)
-    m_w, m_m = o_w < W, o_m < M
-    o_a, m_a = o_w[:, None] * M + o_m[None, :], m_w[:, None] & m_m[None, :]
-    o_b, m_b = o_m[:, None] * W + o_w[None, :], m_m[:, None] & m_w[None, :]
-    b_re = tl.load(re_ptr + i_h * W + o_w, mask=m_w, other=0.0)
-    b_ra = tl.load(ra_ptr + i_h * W + o_w, mask=m_w, other=0.0)
-    bias_e = tl.load(be_ptr + i_h)
-    bias_a = tl.load(ba_ptr + i_h)
+    o_w, m_w, o_a, m_a, o_b, m_b = mlp_tiles(W, M, BW, BM)
+    b_re, bias_e, b_ra, bias_a = _readouts(re_ptr, be_ptr, ra_ptr, ba_ptr, i_bh % H, o_w, m_w, W)
     b_dre, b_dra = b_re * 0, b_ra * 0
     d_be, d_ba = tl.sum(b_re * 0), tl.sum(b_ra * 0)
     for g in tl.static_range(G):

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from megatron_hope.ops.triton import fold_rows
-from megatron_hope.ops.triton.token_math import (act, act_grad, act_grad2, clip_backward, clip_factor, mtv, mv,
-                                                 outer, write, write_backward)
+from megatron_hope.ops.triton.token_math import (act, act_grad, act_grad2, clip_backward, clip_factor, mlp_tiles,
+                                                 mtv, mv, outer, write, write_backward)
 
 
 @triton.jit
@@ -51,15 +51,6 @@ def _token_write(a, b, sa, sb, a_c, b_c, k, v, eta, alpha, beta, clip, MOMENTUM:
 
 
 @triton.jit
-def _tiles(W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr):
-    """Offsets and masks of a (W,) vector, of A (W x M) and of B (M x W), row-major, in power-of-two tiles."""
-    o_w, o_m = tl.arange(0, BW), tl.arange(0, BM)
-    m_w, m_m = o_w < W, o_m < M
-    return (o_w, m_w, o_w[:, None] * M + o_m[None, :], m_w[:, None] & m_m[None, :], o_m[:, None] * W + o_w[None, :],
-            m_m[:, None] & m_w[None, :])
-
-
-@triton.jit
 def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, reset_ptr, a0_ptr, b0_ptr,
                     a_in_ptr, b_in_ptr, sa_in_ptr, sb_in_ptr, o_ptr, a_out_ptr, b_out_ptr, sa_out_ptr, sb_out_ptr,
                     ck_a_ptr, ck_b_ptr, ck_sa_ptr, ck_sb_ptr, n_chunks, clip, REP,
@@ -67,7 +58,7 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
                     MOMENTUM: tl.constexpr, DGD_A: tl.constexpr, DGD_B: tl.constexpr, SELF_TARGET: tl.constexpr,
                     READOUT: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr, HAS_INIT: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
-    o_w, m_w, o_a, m_a, o_b, m_b = _tiles(W, M, BW, BM)
+    o_w, m_w, o_a, m_a, o_b, m_b = mlp_tiles(W, M, BW, BM)
     T = n_chunks * CHUNK
     p_mat = i_n * W * M
     b_a0 = tl.load(a0_ptr + p_mat + o_a, mask=m_a, other=0.0)
@@ -138,7 +129,7 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
                      MOMENTUM: tl.constexpr, DGD_A: tl.constexpr, DGD_B: tl.constexpr, SELF_TARGET: tl.constexpr,
                      READOUT: tl.constexpr, CLIP: tl.constexpr, ACT: tl.constexpr, HAS_INIT: tl.constexpr):
     i_n = tl.program_id(0).to(tl.int64)
-    o_w, m_w, o_a, m_a, o_b, m_b = _tiles(W, M, BW, BM)
+    o_w, m_w, o_a, m_a, o_b, m_b = mlp_tiles(W, M, BW, BM)
     T = n_chunks * CHUNK
     p_mat = i_n * W * M
     p_scr = i_n * CHUNK * W * M

@@ -35,6 +35,15 @@ def outer(y, x):
 
 
 @triton.jit
+def mlp_tiles(W: tl.constexpr, M: tl.constexpr, BW: tl.constexpr, BM: tl.constexpr):
+    """Offsets and masks of a (W,) vector, of A (W x M) and of B (M x W), row-major, in power-of-two tiles."""
+    o_w, o_m = tl.arange(0, BW), tl.arange(0, BM)
+    m_w, m_m = o_w < W, o_m < M
+    return (o_w, m_w, o_w[:, None] * M + o_m[None, :], m_w[:, None] & m_m[None, :], o_m[:, None] * W + o_w[None, :],
+            m_m[:, None] & m_w[None, :])
+
+
+@triton.jit
 def clip_factor(e, key, clip):
     """min(1, clip / ||e key^T||), with ||e key^T||_F = ||e|| ||key|| (ops/memory.clip_factor)."""
     norm = tl.sqrt(tl.sum(e * e)) * tl.sqrt(tl.sum(key * key))
