@@ -25,7 +25,7 @@ if not torch.cuda.is_available():  # the interpreter is chosen when a kernel is 
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
-from benchmarks.common import emit, interleaved_median_seconds, sync  # noqa: E402
+from benchmarks.common import emit, interleaved_median_seconds  # noqa: E402
 from benchmarks.mixer import OpCounter, forward  # noqa: E402
 from megatron_hope.config import MemoryConfig, ModelConfig  # noqa: E402
 from megatron_hope.model.titans import SelfModifyingTitans, TitansMixer  # noqa: E402
@@ -167,7 +167,6 @@ def report_times(args, device) -> None:
             steps = {"triton": lambda: step(scan, "triton"), "torch_eager": lambda: step(scan, "torch"),
                      "torch_compiled": lambda: step(compiled, "torch")}
             seconds = interleaved_median_seconds(steps, args.reps, device)
-            sync(device)
             for name, s in seconds.items():
                 emit(f"{kind}_scan_{name}_fwd_bwd_ms_t{T}", 1e3 * s)
             emit(f"{kind}_scan_triton_speedup_vs_eager_t{T}", seconds["torch_eager"] / seconds["triton"])

@@ -97,12 +97,22 @@ def prepare(argv: list[str] | None, env: ProcessEnv) -> Run:
     cfg.validate_run(env.world_size)
     check_data(cfg)
     device = env.device(cfg.train.device)
+    check_kernels(cfg, device)
     run_dir = run_directory(cfg, config_path)
     check_writable(run_dir)
     if cfg.checkpoint.resume not in ("", "auto", "none"):  # a checkpoint directory: checked before any rank starts
         check_resumable(cfg, checkpoint_dir(Path(cfg.checkpoint.resume)), train_dataset(cfg, 0, 1).state_dict())
     cfg.train.run_name = run_dir.name  # the resolved config names its run
     return Run(cfg, run_dir, env, device)
+
+
+def check_kernels(cfg: Config, device: torch.device) -> None:
+    """model.memory.impl = "triton" runs on CUDA (or under Triton's interpreter, which the tests use): refused on a
+    CPU before any process starts, instead of failing at the first forward."""
+    if (cfg.model.arch != "transformerpp" and cfg.model.memory.impl == "triton" and device.type != "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError(f"model.memory.impl = 'triton' runs on CUDA and this run is on {device.type}: set "
+                          "model.memory.impl = 'auto' (the PyTorch form here)")
 
 
 def start_process_group(run: Run) -> DeviceMesh | None:

@@ -146,9 +146,11 @@ class ModelConfig:
         """model.memory.impl = "triton" asks for kernels that cover this model and installation (ops/triton/:
         the memories' writes and reads, with differentiable writes)."""
         fix = f"set {path}.memory.impl = 'auto' (the kernels where they apply, else the PyTorch form)"
-        lacking = [f"{path}.memory.differentiable_writes = false" if not self.memory.differentiable_writes else "",
-                   "triton, which is not installed (pip install triton)" if find_spec("triton") is None else ""]
-        lacking = [x for x in lacking if x]
+        lacking = []
+        if not self.memory.differentiable_writes:
+            lacking.append(f"{path}.memory.differentiable_writes = false")
+        if find_spec("triton") is None:
+            lacking.append("triton, which is not installed (pip install triton)")
         if lacking:
             raise ConfigError(f"{path}.memory.impl = 'triton' cannot run with {'; '.join(lacking)}: {fix}")
 

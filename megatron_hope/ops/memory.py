@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_hope.ops import triton as kernels
 from megatron_hope.ops.chunk_algebra import ChunkCoefficients, ChunkGates, MomentumForm, write_matrix
 from megatron_hope.ops.dual_form_grad import dual_form_write
-from megatron_hope.ops import triton as kernels
 from megatron_hope.ops.packing import DocumentLayout
 
 State = dict[str, Tensor]

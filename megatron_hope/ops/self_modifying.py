@@ -54,8 +54,8 @@ def self_modifying_scan(gen_inputs: Tensor, q: Tensor | None, log_beta: Tensor |
     gen_inputs: (B, H, G, T, w), the static projections feeding the generators in the order k, v, eta, alpha
     (then q when q is adaptive, in which case `q` is None); q: (B, H, T, w) static queries (L2-normalised
     here); log_beta: (B, H, T) momentum decay; gen_init / mem_init: init states with leading dims (H, G) and
-    (H, 1); doc_start: (B, T) bool. impl: "torch" (chunk-parallel), "triton" (each chunk's writes and reads on the
-    memory-scan kernels of ops/triton/, the generator reads in PyTorch) or "sequential" (the oracle). Returns the
+    (H, 1); doc_start: (B, T) bool. impl: "torch" (chunk-parallel), "triton" (each chunk's generator reads, with
+    MLP memories, and its writes and reads on the kernels of ops/triton/) or "sequential" (the oracle). Returns the
     main memory's read-outs (B, H, T, w) and the final state, whose memory dim (at -3) holds the G generators,
     then the main memory. The inner loop runs in fp32, also under autocast (hope_spec.md 2.8).
     """

@@ -175,6 +175,15 @@ def test_without_queries_only_the_state():
     torch.testing.assert_close(state["W"], ref["W"], rtol=1e-10, atol=1e-10)
 
 
+def packed_sequence(T, second_document, seed):
+    """A (1, T, 16) fp64 input holding two documents, the second from token `second_document` (mid-chunk)."""
+    torch.manual_seed(seed)
+    x = torch.randn(1, T, 16, dtype=torch.float64).to(DEVICE)
+    ds = torch.zeros(1, T, dtype=torch.bool, device=DEVICE)
+    ds[0, 0] = ds[0, second_document] = True
+    return x, ds
+
+
 def mixer_outputs_and_grads(mixer, x, ds, impl):
     mixer.cfg.memory.impl = impl
     mixer.zero_grad()
@@ -196,10 +205,7 @@ def test_mixer_on_the_kernels_equals_the_torch_form(mixer_case):
     arch, memory = MIXERS[mixer_case]
     cfg = ModelConfig(arch=arch, d_model=16, n_heads=2, memory=MemoryConfig(chunk_size=8, **memory))
     mixer = (TitansMixer if arch == "titans" else SelfModifyingTitans)(cfg).double().to(DEVICE)
-    torch.manual_seed(0)
-    x = torch.randn(1, 13, 16, dtype=torch.float64).to(DEVICE)
-    ds = torch.zeros(1, 13, dtype=torch.bool, device=DEVICE)
-    ds[0, 0] = ds[0, 6] = True
+    x, ds = packed_sequence(13, second_document=6, seed=0)
     (out, memory, grads), (ref_out, ref_memory, ref_grads) = (mixer_outputs_and_grads(mixer, x, ds, impl)
                                                               for impl in ("triton", "torch"))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
@@ -212,10 +218,7 @@ def test_mixer_on_the_kernels_equals_the_torch_form(mixer_case):
 def test_self_modifying_scan_on_the_kernels_equals_the_oracle():
     cfg = ModelConfig(d_model=16, n_heads=2, memory=MemoryConfig(chunk_size=8, readout="before_write"))
     mixer = SelfModifyingTitans(cfg).double().to(DEVICE)
-    torch.manual_seed(1)
-    x = torch.randn(1, 19, 16, dtype=torch.float64).to(DEVICE)
-    ds = torch.zeros(1, 19, dtype=torch.bool, device=DEVICE)
-    ds[0, 0] = ds[0, 11] = True
+    x, ds = packed_sequence(19, second_document=11, seed=1)
     (out, memory, grads), (ref_out, ref_memory, ref_grads) = (mixer_outputs_and_grads(mixer, x, ds, impl)
                                                               for impl in ("triton", "sequential"))
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)

@@ -103,6 +103,13 @@ def test_cuda_device_without_cuda_is_rejected(config):
         prepare(["--config", str(config), "--train.device=cuda"], TWO_RANKS)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_triton_kernels_on_a_cpu_are_rejected(config, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the suite interprets kernels; a user's run does not
+    with pytest.raises(ConfigError, match=r"model\.memory\.impl = 'triton' runs on CUDA and this run is on cpu"):
+        prepare(["--config", str(config), "--train.device=cpu", "--model.memory.impl=triton"], TWO_RANKS)
+
+
 def test_manifest_path_must_be_a_manifest(config, data):
     card = data["tokenizer"] / "card.json"
     with pytest.raises(ConfigError, match=r"data\.train_manifest = .*card\.json' is not a manifest\.json"):

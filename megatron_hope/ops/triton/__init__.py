@@ -7,9 +7,11 @@ import of a kernel module), which is how the tests check them on CPU.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 
+@functools.cache  # asked on every mixer call; the installation does not change during a run
 def available() -> bool:
     """Whether triton can be imported (the kernels' only extra dependency)."""
     return importlib.util.find_spec("triton") is not None

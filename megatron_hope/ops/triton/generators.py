@@ -19,6 +19,12 @@ from megatron_hope.ops.triton.token_math import GELU, SILU, act, act_grad, mlp_t
 
 
 @triton.jit
+def _normalize(x):
+    """x / max(||x||, 1e-12) (F.normalize)."""
+    return x / tl.maximum(tl.sqrt(tl.sum(x * x)), 1e-12)
+
+
+@triton.jit
 def _normalize_backward(x, dy):
     """Gradient of x / max(||x||, 1e-12) (F.normalize)."""
     norm = tl.sqrt(tl.sum(x * x))
@@ -50,7 +56,7 @@ def _forward_kernel(x_ptr, q_ptr, a_ptr, b_ptr, re_ptr, be_ptr, ra_ptr, ba_ptr, 
             gen = b_x + mv(b_a, act(mv(b_b, b_x), ACT))
             p_t = i_bh * L + i_t
             if g == 0:
-                tl.store(k_ptr + p_t * W + o_w, gen / tl.maximum(tl.sqrt(tl.sum(gen * gen)), 1e-12), mask=m_w)
+                tl.store(k_ptr + p_t * W + o_w, _normalize(gen), mask=m_w)
             elif g == 1:
                 tl.store(v_ptr + p_t * W + o_w, gen, mask=m_w)
             elif g == 2:
@@ -59,12 +65,12 @@ def _forward_kernel(x_ptr, q_ptr, a_ptr, b_ptr, re_ptr, be_ptr, ra_ptr, ba_ptr, 
                 z = tl.sum(gen * b_ra) + bias_a
                 tl.store(la_ptr + p_t, tl.minimum(z, 0.0) - tl.log(1 + tl.exp(-tl.abs(z))))  # log sigmoid(z)
             else:
-                tl.store(qo_ptr + p_t * W + o_w, gen / tl.maximum(tl.sqrt(tl.sum(gen * gen)), 1e-12), mask=m_w)
+                tl.store(qo_ptr + p_t * W + o_w, _normalize(gen), mask=m_w)
     if not ADAPTIVE_Q:
         for i_t in range(L):
             p_t = i_bh * L + i_t
             b_q = tl.load(q_ptr + p_t * W + o_w, mask=m_w, other=0.0)
-            tl.store(qo_ptr + p_t * W + o_w, b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q)), 1e-12), mask=m_w)
+            tl.store(qo_ptr + p_t * W + o_w, _normalize(b_q), mask=m_w)
 
 
 @triton.jit
@@ -135,12 +141,13 @@ class GeneratorReads(torch.autograd.Function):
     def forward(ctx, x, q, A, B, r_eta, b_eta, r_alpha, b_alpha, eta_max, act_code):
         Bn, H, G, L, w = x.shape
         m = A.shape[-1]
+        adaptive_q = q is None  # q from the last generator; the kernel reads no static query
         x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
-        q = q.contiguous() if q is not None else x  # adaptive q: the kernel reads no static query
+        q = x if adaptive_q else q.contiguous()
         k, v, q_out = (x.new_empty(Bn, H, L, w) for _ in range(3))
         eta, log_alpha = x.new_empty(Bn, H, L), x.new_empty(Bn, H, L)
         meta = dict(W=w, M=m, BW=triton.next_power_of_2(w), BM=triton.next_power_of_2(m), L=L, G=G,
-                    ADAPTIVE_Q=G == 5, ACT=act_code)
+                    ADAPTIVE_Q=adaptive_q, ACT=act_code)
         _forward_kernel[(Bn * H,)](x, q, A, B, r_eta, b_eta, r_alpha, b_alpha, k, v, eta, log_alpha, q_out, H,
                                    eta_max, **meta)
         ctx.save_for_backward(x, q, A, B, r_eta, b_eta, r_alpha, b_alpha)
@@ -151,8 +158,8 @@ class GeneratorReads(torch.autograd.Function):
     def backward(ctx, dk, dv, d_eta, d_la, dq_out):
         x, q, A, B, r_eta, b_eta, r_alpha, b_alpha = ctx.saved_tensors
         Bn, H, G, L, w = x.shape
-        grads = [torch.zeros_like(t) if d is None else d.contiguous()
-                 for d, t in ((dk, q), (dv, q), (d_eta, x[..., 0, :, 0]), (d_la, x[..., 0, :, 0]), (dq_out, q))]
+        grads = [x.new_zeros(Bn, H, L, *size) if d is None else d.contiguous()
+                 for d, size in ((dk, (w,)), (dv, (w,)), (d_eta, ()), (d_la, ()), (dq_out, (w,)))]
         dx, dq = torch.empty_like(x), torch.empty_like(q)
         dA, dB = torch.zeros_like(A), torch.zeros_like(B)  # the main memory (last) gets none from the reads
         d_re, d_ra = x.new_empty(Bn, H, w), x.new_empty(Bn, H, w)

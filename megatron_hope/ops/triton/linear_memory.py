@@ -49,15 +49,17 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
     o_d, m_d, o_dd, m_dd = _tile(D, BD)
     T = n_chunks * CHUNK
     p_mat = i_n * D * D + o_dd
-    b_w0 = tl.load(w0_ptr + p_mat, mask=m_dd, other=0.0)
+    if HAS_INIT:
+        b_w0 = tl.load(w0_ptr + p_mat, mask=m_dd, other=0.0)
     b_w = tl.load(w_in_ptr + p_mat, mask=m_dd, other=0.0)
     b_s = b_w * 0
     if MOMENTUM != 0:
         b_s = tl.load(s_in_ptr + p_mat, mask=m_dd, other=0.0)
     for i_c in range(n_chunks):
-        reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0  # a document starts here: init, zero momentum
-        b_w = tl.where(reset, b_w0, b_w)
-        b_s = tl.where(reset, b_s * 0, b_s)
+        if HAS_INIT:  # a document starts here: the init, zero momentum
+            reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0
+            b_w = tl.where(reset, b_w0, b_w)
+            b_s = tl.where(reset, b_s * 0, b_s)
         p_ck = (i_n * n_chunks + i_c) * D * D + o_dd
         tl.store(ck_w_ptr + p_ck, b_w, mask=m_dd)
         if MOMENTUM != 0:
@@ -187,10 +189,11 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
             b_wa = b_wp
         tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
         b_dw = b_dw + b_dwc
-        reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0  # the chunk-start state was the init
-        b_dw0 = b_dw0 + tl.where(reset, b_dw, b_dw * 0)
-        b_dw = tl.where(reset, b_dw * 0, b_dw)
-        b_ds = tl.where(reset, b_ds * 0, b_ds)
+        if HAS_INIT:  # the chunk-start state was the init
+            reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0
+            b_dw0 = b_dw0 + tl.where(reset, b_dw, b_dw * 0)
+            b_dw = tl.where(reset, b_dw * 0, b_dw)
+            b_ds = tl.where(reset, b_ds * 0, b_ds)
     if HAS_INIT:
         tl.store(dw0_ptr + p_mat, b_dw0, mask=m_dd)
     tl.store(dw_in_ptr + p_mat, b_dw, mask=m_dd)
@@ -201,7 +204,7 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
 class LinearMemoryScan(torch.autograd.Function):
     """Rows flattened and laid out (ops/triton/scan.py): w_in, s_in (N, d, d) and w0 (the same, or None: no document
     starts); k, v, q (N / rep, T', d), T' a multiple of the chunk, gates (N / rep, T') and real (N / rep, T') int8,
-    each row shared by `rep` consecutive state rows; reset (N, T'/C) int8. Returns the read-outs (N, T', d) and
+    each row shared by `rep` consecutive state rows; reset (N, T'/C) int8, or None with w0. Returns the read-outs (N, T', d) and
     the final state and momentum (N, d, d). `constants`: the kernels' compile-time switches."""
 
     @staticmethod
@@ -213,7 +216,8 @@ class LinearMemoryScan(torch.autograd.Function):
         w_out, s_out = torch.empty_like(w_in), torch.empty_like(s_in)
         ck_w = k.new_empty(N, n_chunks, d, d)
         ck_s = torch.empty_like(ck_w) if momentum else ck_w
-        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, w_in if w0 is None else w0, w_in, s_in,
+        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, real if reset is None else reset,
+                              w_in if w0 is None else w0, w_in, s_in,
                               o, w_out, s_out, ck_w, ck_s, n_chunks, clip, rep, D=d, BD=triton.next_power_of_2(d),
                               HAS_INIT=w0 is not None, **constants)
         ctx.save_for_backward(k, v, q, eta, log_alpha, log_beta, real, reset, ck_w, ck_s)
@@ -238,7 +242,8 @@ class LinearMemoryScan(torch.autograd.Function):
         d_eta, d_la, d_lb = (eta.new_empty(N, T) for _ in range(3))
         d_w0 = torch.empty_like(zeros) if ctx.has_init else zeros
         d_w_in, d_s_in = torch.empty_like(zeros), torch.zeros_like(zeros)
-        _backward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, ck_w, ck_s, d_o, d_w, d_s,
+        _backward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, real if reset is None else reset, ck_w, ck_s,
+                               d_o, d_w, d_s,
                                scratch_w, scratch_s, dk, dv, dq, d_eta, d_la, d_lb, d_w0, d_w_in, d_s_in,
                                T // constants["CHUNK"], ctx.clip, rep, D=d, BD=triton.next_power_of_2(d),
                                HAS_INIT=ctx.has_init, **constants)

@@ -61,8 +61,9 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
     o_w, m_w, o_a, m_a, o_b, m_b = mlp_tiles(W, M, BW, BM)
     T = n_chunks * CHUNK
     p_mat = i_n * W * M
-    b_a0 = tl.load(a0_ptr + p_mat + o_a, mask=m_a, other=0.0)
-    b_b0 = tl.load(b0_ptr + p_mat + o_b, mask=m_b, other=0.0)
+    if HAS_INIT:
+        b_a0 = tl.load(a0_ptr + p_mat + o_a, mask=m_a, other=0.0)
+        b_b0 = tl.load(b0_ptr + p_mat + o_b, mask=m_b, other=0.0)
     b_a = tl.load(a_in_ptr + p_mat + o_a, mask=m_a, other=0.0)
     b_b = tl.load(b_in_ptr + p_mat + o_b, mask=m_b, other=0.0)
     b_sa, b_sb = b_a * 0, b_b * 0
@@ -70,11 +71,12 @@ def _forward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, rese
         b_sa = tl.load(sa_in_ptr + p_mat + o_a, mask=m_a, other=0.0)
         b_sb = tl.load(sb_in_ptr + p_mat + o_b, mask=m_b, other=0.0)
     for i_c in range(n_chunks):
-        reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0  # a document starts here: init, zero momentum
-        b_a = tl.where(reset, b_a0, b_a)
-        b_b = tl.where(reset, b_b0, b_b)
-        b_sa = tl.where(reset, b_sa * 0, b_sa)
-        b_sb = tl.where(reset, b_sb * 0, b_sb)
+        if HAS_INIT:  # a document starts here: the init, zero momentum
+            reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0
+            b_a = tl.where(reset, b_a0, b_a)
+            b_b = tl.where(reset, b_b0, b_b)
+            b_sa = tl.where(reset, b_sa * 0, b_sa)
+            b_sb = tl.where(reset, b_sb * 0, b_sb)
         p_ck = (i_n * n_chunks + i_c) * W * M
         tl.store(ck_a_ptr + p_ck + o_a, b_a, mask=m_a)
         tl.store(ck_b_ptr + p_ck + o_b, b_b, mask=m_b)
@@ -252,13 +254,14 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
             b_aa, b_ba = b_ap, b_bp
         tl.debug_barrier()  # the next chunk's recompute overwrites the scratch
         b_da, b_db = b_da + b_dac, b_db + b_dbc
-        reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0  # the chunk-start state was the init
-        b_da0 = b_da0 + tl.where(reset, b_da, b_da * 0)
-        b_db0 = b_db0 + tl.where(reset, b_db, b_db * 0)
-        b_da = tl.where(reset, b_da * 0, b_da)
-        b_db = tl.where(reset, b_db * 0, b_db)
-        b_dsa = tl.where(reset, b_dsa * 0, b_dsa)
-        b_dsb = tl.where(reset, b_dsb * 0, b_dsb)
+        if HAS_INIT:  # the chunk-start state was the init
+            reset = tl.load(reset_ptr + i_n * n_chunks + i_c) != 0
+            b_da0 = b_da0 + tl.where(reset, b_da, b_da * 0)
+            b_db0 = b_db0 + tl.where(reset, b_db, b_db * 0)
+            b_da = tl.where(reset, b_da * 0, b_da)
+            b_db = tl.where(reset, b_db * 0, b_db)
+            b_dsa = tl.where(reset, b_dsa * 0, b_dsa)
+            b_dsb = tl.where(reset, b_dsb * 0, b_dsb)
     if HAS_INIT:
         tl.store(da0_ptr + p_mat + o_a, b_da0, mask=m_a)
         tl.store(db0_ptr + p_mat + o_b, b_db0, mask=m_b)
@@ -272,7 +275,7 @@ def _backward_kernel(k_ptr, v_ptr, q_ptr, eta_ptr, la_ptr, lb_ptr, real_ptr, res
 class MLPMemoryScan(torch.autograd.Function):
     """Rows flattened and laid out (ops/triton/scan.py): a_in, sa_in (N, w, m), b_in, sb_in (N, m, w) and the inits
     a0, b0 (the same, or None: no document starts); k, v, q (N / rep, T', w), gates and real (N / rep, T'), each
-    row shared by `rep` consecutive state rows; reset (N, T'/C) int8. Returns the read-outs (N, T', w) and the
+    row shared by `rep` consecutive state rows; reset (N, T'/C) int8, or None with the inits. Returns the read-outs (N, T', w) and the
     final A, B and their momenta."""
 
     @staticmethod
@@ -286,7 +289,8 @@ class MLPMemoryScan(torch.autograd.Function):
         outs = [torch.empty_like(x) for x in (a_in, b_in, sa_in, sb_in)]
         ck = [k.new_empty(N, n_chunks, *x.shape[1:]) for x in (a_in, b_in)]
         ck += [torch.empty_like(c) for c in ck] if momentum else ck
-        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, a0 if has_init else a_in,
+        _forward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, real if reset is None else reset,
+                              a0 if has_init else a_in,
                               b0 if has_init else b_in, a_in, b_in, sa_in, sb_in, o, *outs, *ck, n_chunks, clip, rep,
                               **_sizes(w, m), HAS_INIT=has_init, **constants)
         ctx.save_for_backward(k, v, q, eta, log_alpha, log_beta, real, reset, *ck)
@@ -311,7 +315,8 @@ class MLPMemoryScan(torch.autograd.Function):
         d_gates = [eta.new_empty(N, T) for _ in range(3)]
         d_inits = [k.new_empty(s) for s in shapes[:2]] if ctx.has_init else d_states[:2]
         d_ins = [k.new_empty(s) for s in shapes[:2]] + [k.new_zeros(s) for s in shapes[2:]]
-        _backward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, reset, *ck, d_o, *d_states, *scratch,
+        _backward_kernel[(N,)](k, v, q, eta, log_alpha, log_beta, real, real if reset is None else reset, *ck, d_o,
+                               *d_states, *scratch,
                                dk, dv, dq, *d_gates, *d_inits, *d_ins, T // constants["CHUNK"], ctx.clip, rep,
                                **_sizes(w, m), HAS_INIT=ctx.has_init, **constants)
         return (*(fold_rows(g, rep) for g in (dk, dv, dq, *d_gates)), *(d_inits if ctx.has_init else (None, None)),

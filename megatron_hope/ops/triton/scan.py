@@ -56,14 +56,17 @@ def kernel_memory_scan(init: State, k: Tensor, v: Tensor, q: Tensor | None, eta:
         real, starts = layout.keep, layout.doc_start
     else:
         real = torch.ones(*lead, T, dtype=torch.bool, device=k.device)
-        starts = doc_start.expand(*lead, T) if doc_start is not None else torch.zeros_like(real)
+        starts = doc_start.expand(*lead, T) if doc_start is not None else None
     Tl = streams[0].shape[-2]
     pad = -Tl % chunk_size  # the ragged last chunk, padded to a whole one
     streams = [F.pad(x, (0, 0, 0, pad)) for x in streams]
     gates = [F.pad(g, (0, pad)) for g in gates]
     real = F.pad(real.to(torch.int8), (0, pad))
-    reset = F.pad(starts.to(torch.int8), (0, pad))[..., ::chunk_size]
-    o, new = run_kernels(streams, gates, real, reset, init, state, chunk_size, opts)
+    if doc_start is None:  # no document starts: the carried state (built from the init) is all the init there is
+        o, new = run_kernels(streams, gates, real, None, None, state, chunk_size, opts)
+    else:
+        reset = F.pad(starts.to(torch.int8), (0, pad))[..., ::chunk_size]
+        o, new = run_kernels(streams, gates, real, reset, init, state, chunk_size, opts)
     if q is None:
         return None, new
     o = o[..., :Tl, :]
@@ -78,16 +81,15 @@ def chunk_on_kernels(state: State, k: Tensor, v: Tensor, q: Tensor, eta: Tensor,
     L = k.shape[-2]
     gates = [eta, log_alpha, log_beta if log_beta is not None else torch.zeros_like(eta)]
     real = (real if real is not None else torch.ones_like(eta, dtype=torch.bool)).expand_as(eta).to(torch.int8)
-    reset = real.new_zeros(*next(iter(state.values())).shape[:-2], 1)  # the caller restarts documents
-    return run_kernels([k, v, q], gates, real, reset, None, state, L, opts)
+    return run_kernels([k, v, q], gates, real, None, None, state, L, opts)  # the caller restarts documents
 
 
-def run_kernels(streams: list[Tensor], gates: list[Tensor], real: Tensor, reset: Tensor, init: State | None,
-                state: State, chunk_size: int, opts: MemoryOptions) -> tuple[Tensor, State]:
+def run_kernels(streams: list[Tensor], gates: list[Tensor], real: Tensor, reset: Tensor | None,
+                init: State | None, state: State, chunk_size: int, opts: MemoryOptions) -> tuple[Tensor, State]:
     """The kernel pair on laid-out rows: streams k, v, q (..., T', w), gates and real (..., T') with T' a multiple
     of the chunk, their leading dims the state's, or the state's but the last (a stack of memories sharing them);
-    reset (state's leading dims, T'/chunk) int8; init None when no document starts. Returns the read-outs
-    (state's leading dims, T', w) and the new state."""
+    reset (state's leading dims, T'/chunk) int8 and the init, or both None when no document starts. Returns the
+    read-outs (state's leading dims, T', w) and the new state."""
     reason = unsupported(opts)
     if reason is not None:
         raise ValueError(f"the Triton memory kernels do not support {reason}; use model.memory.impl = 'torch'")
@@ -108,7 +110,8 @@ def run_kernels(streams: list[Tensor], gates: list[Tensor], real: Tensor, reset:
     fn = LinearMemoryScan if opts.kind == "linear" else MLPMemoryScan
     o, *final = fn.apply(*(x.reshape(-1, T, w).contiguous() for x in streams),
                          *(g.reshape(-1, T).contiguous() for g in gates), *inits, *carried, *momenta,
-                         real.reshape(-1, T).contiguous(), reset.reshape(-1, T // chunk_size).contiguous(),
+                         real.reshape(-1, T).contiguous(),
+                         reset.reshape(-1, T // chunk_size).contiguous() if reset is not None else None,
                          float(opts.grad_clip), rep, _constants(opts, chunk_size))
     new = {n: x.view(*lead, *x.shape[-2:]) for n, x in zip(names, final)}
     if opts.momentum:
